@@ -1,0 +1,256 @@
+"""Point-in-time features and labels per (customer, cutoff), computed by DuckDB.
+
+The definitions live in :mod:`rapport.features.definitions`; this module validates inputs,
+registers them with an embedded DuckDB connection, runs the queries and hands back pandas.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from rapport.features import definitions as defs
+from rapport.features.contracts import (
+    SCHEMAS,
+    DataValidationError,
+    TableKind,
+    TableSource,
+    is_validated,
+    read_table,
+    validate_table,
+)
+from rapport.features.segments import SEGMENTS
+
+CutoffsLike = str | dt.date | pd.Timestamp | np.datetime64 | Iterable[str | dt.date | pd.Timestamp]
+
+
+def parse_cutoffs(as_of: CutoffsLike) -> list[dt.date]:
+    """Turn one or several cutoffs into sorted unique dates.
+
+    Parameters
+    ----------
+    as_of
+        A date, a ``YYYY-MM-DD`` string, a comma-separated string of them, or an iterable.
+        A datetime must be midnight: cutoffs are whole days (a date includes that whole day).
+
+    Returns
+    -------
+    list of datetime.date
+    """
+    if isinstance(as_of, str):
+        items: list[Any] = [part.strip() for part in as_of.split(",") if part.strip()]
+    elif isinstance(as_of, dt.date | pd.Timestamp | np.datetime64):
+        items = [as_of]
+    else:
+        items = list(as_of)
+    if not items:
+        raise ValueError("as_of must name at least one cutoff date")
+    dates = []
+    for item in items:
+        try:
+            ts = pd.Timestamp(item)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"as_of: {item!r} is not a date (use YYYY-MM-DD)") from err
+        if ts.tzinfo is not None:
+            ts = ts.tz_convert("UTC").tz_localize(None)
+        if ts != ts.normalize():
+            raise ValueError(
+                f"as_of: {item!r} has a time of day; cutoffs are whole days (a date cutoff "
+                "includes that whole day)"
+            )
+        dates.append(ts.date())
+    return sorted(set(dates))
+
+
+def connect(
+    *, threads: int | None = None, memory_limit: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection set up for Rapport.
+
+    ``TimeZone`` is UTC on every connection: with timezone-aware input and a non-UTC session,
+    cutoff comparisons silently moved rows across days.
+    """
+    con = duckdb.connect(":memory:")
+    con.execute("SET TimeZone = 'UTC'")
+    # Insertion order is meaningless for aggregates; dropping it saves memory on big inputs.
+    con.execute("SET preserve_insertion_order = false")
+    if threads is not None:
+        con.execute(f"SET threads = {int(threads)}")
+    if memory_limit is not None:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+    return con
+
+
+def _table(source: TableSource, kind: TableKind, *, validate: bool) -> pd.DataFrame:
+    df = read_table(source, kind=kind)
+    if validate and not is_validated(df, kind):
+        return validate_table(df, kind)
+    missing = [c for c in SCHEMAS[kind].required if c not in df.columns]
+    if missing:
+        raise DataValidationError(kind, missing[0], "required column missing")
+    return df
+
+
+def _align_ids(tx: pd.DataFrame, ix: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Give both tables the same ``customer_id`` type so the join never silently misses."""
+    tx_num = pd.api.types.is_numeric_dtype(tx["customer_id"].dtype)
+    ix_num = pd.api.types.is_numeric_dtype(ix["customer_id"].dtype)
+    if tx_num == ix_num:
+        return tx, ix
+    tx = tx.assign(customer_id=tx["customer_id"].astype("string"))
+    ix = ix.assign(customer_id=ix["customer_id"].astype("string"))
+    return tx, ix
+
+
+def discover_interaction_pairs(interactions: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+    """The distinct ``(channel, event)`` pairs of an interactions table, sorted."""
+    pairs = interactions.groupby(["channel", "event"], observed=True).size()
+    return defs.discover_pairs([(str(c), str(e)) for c, e in pairs.index])
+
+
+def _run(
+    sql: str,
+    *,
+    cutoffs: Sequence[dt.date],
+    tx: pd.DataFrame,
+    ix: pd.DataFrame | None = None,
+    connection: duckdb.DuckDBPyConnection | None = None,
+) -> pd.DataFrame:
+    con = connection or connect()
+    con.register("tx", tx)
+    if ix is not None:
+        con.register("ix", ix)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cutoffs AS SELECT CAST(UNNEST($dates) AS DATE) AS as_of",
+        {"dates": [d.isoformat() for d in cutoffs]},
+    )
+    try:
+        out = con.execute(sql).fetch_df()
+    finally:
+        con.unregister("tx")
+        if ix is not None:
+            con.unregister("ix")
+        con.execute("DROP TABLE IF EXISTS cutoffs")
+        if connection is None:
+            con.close()
+    out["as_of"] = pd.to_datetime(out["as_of"]).astype("datetime64[us]")
+    return out
+
+
+def build_features(
+    transactions: TableSource,
+    interactions: TableSource | None = None,
+    *,
+    as_of: CutoffsLike,
+    windows: Sequence[int] = defs.DEFAULT_WINDOWS,
+    interaction_pairs: Sequence[tuple[str, str]] | None = None,
+    validate: bool = True,
+    connection: duckdb.DuckDBPyConnection | None = None,
+) -> pd.DataFrame:
+    """Point-in-time RFM and interaction features per customer and cutoff.
+
+    Nothing after a cutoff is read: a date cutoff includes that whole day, and an event on the
+    next day changes nothing.
+
+    Parameters
+    ----------
+    transactions
+        DataFrame or path with ``customer_id``, ``timestamp``, ``amount`` (see
+        :mod:`rapport.features.contracts`).
+    interactions
+        Optional DataFrame or path with ``customer_id``, ``timestamp``, ``channel``, ``event``.
+    as_of
+        One cutoff date or several (``"2024-01-31,2024-02-29"`` or a list): one row per
+        (customer, cutoff).
+    windows
+        Window lengths in days for the windowed counts, sums and trends.
+    interaction_pairs
+        ``(channel, event)`` pairs to count; by default those present in ``interactions``.
+        Pin them (a trained model does) to get the same columns on any data.
+    validate
+        Validate raw inputs (skipped for frames that came out of the loaders).
+    connection
+        A DuckDB connection to use (from :func:`connect`); a private one by default.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``customer_id``, ``as_of`` (``datetime64``), then the columns of
+        :func:`rapport.features.definitions.feature_columns`: the BTYD summary
+        (``frequency``, ``recency``, ``T``, ``monetary_value``), ``recency_days``,
+        ``tenure_days``, ``n_purchases``, ``n_purchase_days``, ``total_spend``,
+        ``avg_order_value``, ``spend_std``, ``ipt_mean_days``, ``ipt_std_days``,
+        ``purchases_{W}d``, ``spend_{W}d``, ``purchases_trend_{W}d``, ``spend_trend_{W}d``;
+        interaction columns when ``interactions`` is given; ``r_score``, ``f_score``,
+        ``m_score``, ``fm_score`` and ``segment``. One row per customer whose first purchase
+        is on or before the cutoff, ordered by ``as_of`` then ``customer_id``.
+    """
+    cutoffs = parse_cutoffs(as_of)
+    tx = _table(transactions, "transactions", validate=validate)
+    ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
+    if ix is not None:
+        tx, ix = _align_ids(tx, ix)
+        pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
+        if not pairs:
+            ix = None
+    else:
+        pairs = ()
+    spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
+    out = _run(defs.features_sql(spec), cutoffs=cutoffs, tx=tx, ix=ix, connection=connection)
+    out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
+    if "preferred_channel" in out.columns:
+        out["preferred_channel"] = out["preferred_channel"].astype("string")
+    return out[defs.feature_columns(spec)]
+
+
+def build_labels(
+    transactions: TableSource,
+    *,
+    as_of: CutoffsLike,
+    horizon_days: int,
+    validate: bool = True,
+    allow_incomplete: bool = False,
+    connection: duckdb.DuckDBPyConnection | None = None,
+) -> pd.DataFrame:
+    """Labels over the horizon after each cutoff, for the customers :func:`build_features` rows.
+
+    Parameters
+    ----------
+    transactions
+        DataFrame or path with ``customer_id``, ``timestamp``, ``amount``.
+    as_of
+        One or several cutoff dates.
+    horizon_days
+        ``H``: the labels look at days ``(as_of, as_of + H]``.
+    validate
+        Validate raw inputs (skipped for frames that came out of the loaders).
+    allow_incomplete
+        Allow a horizon that runs past the last transaction day (labels would be censored:
+        everyone looks more churned than they are); refused by default.
+    connection
+        A DuckDB connection to use; a private one by default.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``customer_id``, ``as_of``, ``churned_{H}d`` (bool: no purchase in the horizon),
+        ``future_spend_{H}d`` (float64, net), ``future_purchases_{H}d`` (int64).
+    """
+    cutoffs = parse_cutoffs(as_of)
+    tx = _table(transactions, "transactions", validate=validate)
+    if not allow_incomplete:
+        last_day = pd.Timestamp(tx["timestamp"].max()).date()
+        late = [c for c in cutoffs if c + dt.timedelta(days=int(horizon_days)) > last_day]
+        if late:
+            raise ValueError(
+                f"as_of {late[0]} + {horizon_days} days runs past the last transaction day "
+                f"{last_day}: the labels would be censored (pass allow_incomplete=True to "
+                "accept that)"
+            )
+    out = _run(defs.labels_sql(horizon_days), cutoffs=cutoffs, tx=tx, connection=connection)
+    return out

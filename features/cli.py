@@ -1,0 +1,260 @@
+"""Command-line sub-apps for the feature stage: ``rapport data ...`` and ``rapport features ...``.
+
+Thin wrappers: each command loads (and so validates) its inputs, calls one pure function,
+writes its output atomically and prints a summary. Validation errors exit with status 2 and a
+message naming the column and rows; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from rapport.features import definitions as defs
+from rapport.features.build import build_features, build_labels, parse_cutoffs
+from rapport.features.contracts import DataValidationError, load_interactions, load_transactions
+from rapport.features.segments import segment_summary
+
+console = Console(stderr=True)
+T = TypeVar("T")
+
+features_app = typer.Typer(help="Build point-in-time features and labels.", no_args_is_help=True)
+data_app = typer.Typer(help="Bundled and synthetic data sets.", no_args_is_help=True)
+
+
+def write_parquet_atomic(df: pd.DataFrame, out: Path) -> None:
+    """Write ``df`` to ``out`` via a temporary file and a rename: never a partial file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        df.to_parquet(tmp, index=False)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def step(message: str) -> Iterator[None]:
+    """Show a spinner for one step and print how long it took."""
+    start = time.perf_counter()
+    with console.status(message):
+        yield
+    console.print(f"[green]✓[/] {message} ({time.perf_counter() - start:.1f} s)")
+
+
+def run_or_exit(fn: Callable[[], T]) -> T:
+    """Run ``fn``; turn input errors into a clean message and exit status 2."""
+    try:
+        return fn()
+    except (DataValidationError, ValueError) as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(code=2) from err
+
+
+def _windows(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(w) for w in text.split(",") if w.strip())
+    except ValueError as err:
+        raise typer.BadParameter(
+            f"windows must be whole days like 30,90,365, not {text!r}"
+        ) from err
+
+
+def print_feature_summary(features: pd.DataFrame, title: str = "Customers by segment") -> None:
+    """Print per-cutoff row counts and the segment table of the last cutoff."""
+    summary = segment_summary(features)
+    last = summary[summary["as_of"] == summary["as_of"].max()]
+    table = Table(title=f"{title} as of {pd.Timestamp(last['as_of'].iloc[0]).date()}")
+    for name in ("segment", "customers", "share", "mean recency (days)", "mean purchase days"):
+        table.add_column(name, justify="left" if name == "segment" else "right")
+    table.add_column("mean spend", justify="right")
+    for row in last.itertuples(index=False):
+        table.add_row(
+            str(row.segment),
+            f"{row.customers:,}",
+            f"{row.share:.1%}",
+            f"{row.recency_days:,.0f}",
+            f"{row.n_purchase_days:,.2f}",
+            f"{row.total_spend:,.2f}",
+        )
+    Console().print(table)
+    counts = features.groupby("as_of").size()
+    console.print(
+        f"{len(features):,} rows x {features.shape[1]} columns; "
+        f"{len(counts)} cutoff(s), {counts.iloc[-1]:,} customers at the last one"
+    )
+
+
+TransactionsOpt = Annotated[
+    Path, typer.Option("--transactions", "-t", help="Transactions file (CSV or Parquet).")
+]
+InteractionsOpt = Annotated[
+    Path | None,
+    typer.Option("--interactions", "-i", help="Optional interactions file (CSV or Parquet)."),
+]
+AsOfOpt = Annotated[
+    str,
+    typer.Option(
+        "--as-of", help="Cutoff date(s), YYYY-MM-DD, comma-separated; a date includes its day."
+    ),
+]
+OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")]
+TxColumnsOpt = Annotated[
+    str,
+    typer.Option(
+        "--tx-columns",
+        help="Map your transaction column names: customer_id=CustID,timestamp=Date,amount=Total.",
+    ),
+]
+IxColumnsOpt = Annotated[
+    str,
+    typer.Option(
+        "--ix-columns",
+        help="Map your interaction column names: customer_id=...,channel=...,event=...",
+    ),
+]
+FormatOpt = Annotated[
+    str | None,
+    typer.Option("--timestamp-format", help="strftime format of timestamps, e.g. %Y%m%d."),
+]
+
+
+@features_app.command("build")
+def features_build(
+    transactions: TransactionsOpt,
+    as_of: AsOfOpt,
+    out: OutOpt,
+    interactions: InteractionsOpt = None,
+    windows: Annotated[
+        str, typer.Option(help="Window lengths in days, comma-separated.")
+    ] = "30,90,365",
+    tx_columns: TxColumnsOpt = "",
+    ix_columns: IxColumnsOpt = "",
+    timestamp_format: FormatOpt = None,
+) -> None:
+    """Build point-in-time RFM + interaction features per customer and cutoff."""
+    cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
+    window_days = _windows(windows)
+    with step(f"Loading transactions from {transactions}"):
+        tx = run_or_exit(
+            lambda: load_transactions(
+                transactions, columns=tx_columns, timestamp_format=timestamp_format
+            )
+        )
+    ix = None
+    if interactions is not None:
+        path = interactions
+        with step(f"Loading interactions from {path}"):
+            ix = run_or_exit(
+                lambda: load_interactions(
+                    path, columns=ix_columns, timestamp_format=timestamp_format
+                )
+            )
+    with step(f"Building features at {len(cutoffs)} cutoff(s)"):
+        feats = run_or_exit(
+            lambda: build_features(tx, ix, as_of=cutoffs, windows=window_days, validate=False)
+        )
+    with step(f"Writing {out}"):
+        write_parquet_atomic(feats, out)
+    print_feature_summary(feats)
+
+
+@features_app.command("labels")
+def features_labels(
+    transactions: TransactionsOpt,
+    as_of: AsOfOpt,
+    out: OutOpt,
+    horizon_days: Annotated[
+        int, typer.Option("--horizon-days", help="Label horizon H: days (as_of, as_of + H].")
+    ] = 90,
+    tx_columns: TxColumnsOpt = "",
+    timestamp_format: FormatOpt = None,
+) -> None:
+    """Build churn / future-spend labels for a horizon after each cutoff."""
+    cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
+    with step(f"Loading transactions from {transactions}"):
+        tx = run_or_exit(
+            lambda: load_transactions(
+                transactions, columns=tx_columns, timestamp_format=timestamp_format
+            )
+        )
+    with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):
+        labels = run_or_exit(
+            lambda: build_labels(tx, as_of=cutoffs, horizon_days=horizon_days, validate=False)
+        )
+    with step(f"Writing {out}"):
+        write_parquet_atomic(labels, out)
+    rate = labels.groupby("as_of")[f"churned_{horizon_days}d"].mean()
+    for cutoff, share in rate.items():
+        console.print(f"as of {pd.Timestamp(str(cutoff)).date()}: churn rate {share:.1%}")
+
+
+@features_app.command("columns")
+def features_columns(
+    windows: Annotated[
+        str, typer.Option(help="Window lengths in days, comma-separated.")
+    ] = "30,90,365",
+) -> None:
+    """List the transaction feature columns for the given windows."""
+    spec = defs.FeatureSpec(windows=_windows(windows))
+    for name in defs.feature_columns(spec):
+        typer.echo(name)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the two Parquet files.")],
+    customers: Annotated[
+        int | None, typer.Option(help="Number of customers (default: from --transactions).")
+    ] = None,
+    transactions: Annotated[
+        int, typer.Option(help="About how many transactions to generate.")
+    ] = 100_000,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 42,
+    start: Annotated[str, typer.Option(help="First day of the data.")] = "2023-01-01",
+    end: Annotated[str, typer.Option(help="Last day of the data.")] = "2025-12-31",
+) -> None:
+    """Generate a seeded synthetic world (transactions + interactions) as Parquet."""
+    from rapport.features.synthetic import (
+        SyntheticConfig,
+        customers_for_transactions,
+        write_synthetic,
+    )
+
+    base = SyntheticConfig(start=start, end=end, seed=seed)
+    n = customers if customers is not None else customers_for_transactions(transactions, base)
+    config = SyntheticConfig(n_customers=n, start=start, end=end, seed=seed)
+    summary = write_synthetic(config, out, progress=True)
+    console.print(
+        f"{summary.n_customers:,} customers, {summary.n_transactions:,} transactions, "
+        f"{summary.n_interactions:,} interactions -> {out}"
+    )
+
+
+@data_app.command("cdnow")
+def data_cdnow(
+    out: Annotated[Path, typer.Option("--out", "-o", help="CSV or Parquet file to write.")],
+    part: Annotated[str, typer.Option(help="'master' (23,570 customers) or 'sample'.")] = "master",
+) -> None:
+    """Export the bundled CDNOW transactions in Rapport's contract."""
+    from rapport.features.datasets import load_cdnow
+
+    df = run_or_exit(lambda: load_cdnow(part))  # type: ignore[arg-type]
+    if out.suffix.lower() == ".csv":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        df.to_csv(out, index=False)
+    else:
+        write_parquet_atomic(df, out)
+    console.print(
+        f"CDNOW {part}: {len(df):,} transactions, {df['customer_id'].nunique():,} -> {out}"
+    )

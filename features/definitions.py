@@ -1,0 +1,514 @@
+"""Every feature and label definition, in one place, as SQL.
+
+The queries are written in DuckDB's dialect with only portable constructs (``FILTER``
+clauses, ``LAG``/``PERCENT_RANK`` windows, ``DATE_DIFF``, ``CASE``), so that sqlglot can
+transpile the very same definitions for a distributed engine (see :func:`transpile`). They read
+three relations that the engine registers:
+
+``tx``
+    ``customer_id``, ``timestamp`` (naive UTC ``TIMESTAMP``), ``amount`` (``DOUBLE``).
+``ix``
+    ``customer_id``, ``timestamp``, ``channel``, ``event`` (lower case).
+``cutoffs``
+    ``as_of`` (``DATE``); a date cutoff includes that whole day.
+
+Speed comes from shape, not from one scan per window: transactions are first rolled up to one
+row per customer and day, and every window is a conditional aggregate (``FILTER``) evaluated in
+a single pass over that roll-up. Several cutoffs share the roll-up, so a 12-cutoff training set
+costs far less than twelve one-cutoff runs.
+
+Definitions (``d`` is a day, ``c`` the cutoff date, a "purchase" a transaction row with
+``amount >= 0``; refunds are negative rows: they count in spend but never as purchases):
+
+BTYD summary (as lifetimes' ``summary_data_from_transaction_data`` with ``freq="D"``)
+    ``frequency`` repeat purchase days (distinct purchase days - 1); ``recency`` days from the
+    first to the last purchase day; ``T`` days from the first purchase day to ``c``;
+    ``monetary_value`` mean net spend of the repeat purchase days (0 with no repeat).
+RFM and history
+    ``recency_days`` days since the last purchase; ``tenure_days`` days since the first
+    purchase (equal to ``T``); ``n_purchases`` purchase rows; ``n_purchase_days``;
+    ``total_spend`` net spend; ``avg_order_value`` and ``spend_std`` (sample std, NaN under two
+    purchases) over purchase rows; ``ipt_mean_days`` and ``ipt_std_days`` mean and sample std of
+    the gaps between consecutive purchase days (NaN under two and three purchase days).
+Windows, for each ``W`` in ``windows``
+    ``purchases_{W}d`` and ``spend_{W}d`` over days ``(c - W, c]``; ``purchases_trend_{W}d`` and
+    ``spend_trend_{W}d`` = ``(x_now - x_before) / (|x_now| + |x_before|)`` in ``[-1, 1]`` (0
+    when both are 0), where ``x_before`` covers ``(c - 2W, c - W]``.
+Interactions (when given), with "responses" every event but the outbound ones (``sent``,
+``delivered``, ``bounce``, ``impression``) and complaints
+    ``{channel}_{event}s_{W}d`` counts (``sent`` reads ``sends``); ``days_since_{channel}``
+    days since any event in that channel (NaN if none); ``responses_{W}d``;
+    ``days_since_response``; ``complaints_{W}d``; ``days_since_complaint``;
+    ``email_open_rate_{Wmax}d`` and ``email_click_rate_{Wmax}d`` opens and clicks per send in
+    the longest window (NaN without sends); ``preferred_channel`` the channel with the most
+    responses in the longest window (ties: alphabetical; null without responses).
+RFM scores and segments
+    ``r_score`` (on ``recency_days``, recent is high), ``f_score`` (on ``n_purchase_days``),
+    ``m_score`` (on ``total_spend``): 1-5 by quantile within each cutoff,
+    ``1 + min(4, floor(5 * percent_rank))``, ties share a score, so results do not depend on
+    row order; ``segment`` from ``r_score`` and ``fm_score = ceil((f_score + m_score) / 2)`` by
+    the rules in :mod:`rapport.features.segments`.
+Labels for a horizon ``H`` (:func:`labels_sql`)
+    ``churned_{H}d`` no purchase in ``(c, c + H]``; ``future_spend_{H}d`` net spend and
+    ``future_purchases_{H}d`` purchase rows in that span.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from rapport.features.segments import segment_case_sql
+
+#: Company-initiated events: they say nothing about the customer's own engagement.
+OUTBOUND_EVENTS: tuple[str, ...] = ("sent", "delivered", "bounce", "impression")
+COMPLAINT_EVENT = "complaint"
+DEFAULT_WINDOWS: tuple[int, ...] = (30, 90, 365)
+
+_PLURALS = {"sent": "sends", "delivered": "deliveries"}
+
+
+def _ident(name: str) -> str:
+    """A safe lower-case SQL identifier fragment for a channel or event name."""
+    cleaned = re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+    if not cleaned:
+        raise ValueError(f"channel/event name {name!r} has no usable characters")
+    return cleaned
+
+
+def _plural(event: str) -> str:
+    event = _ident(event)
+    if event in _PLURALS:
+        return _PLURALS[event]
+    return event + ("es" if event.endswith(("s", "x", "sh", "ch")) else "s")
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What to compute: windows and the interaction vocabulary.
+
+    Parameters
+    ----------
+    windows
+        Window lengths in days, e.g. ``(30, 90, 365)``.
+    interaction_pairs
+        ``(channel, event)`` pairs to count, lower case. A trained model pins these so that
+        serving computes exactly the training columns; build functions discover them from the
+        data when not given.
+    """
+
+    windows: tuple[int, ...] = DEFAULT_WINDOWS
+    interaction_pairs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            raise ValueError("windows must name at least one window length in days")
+        if any(int(w) != w or w <= 0 for w in self.windows):
+            raise ValueError(f"windows must be positive whole days, got {self.windows}")
+        object.__setattr__(self, "windows", tuple(sorted({int(w) for w in self.windows})))
+        pairs = tuple(sorted({(c.lower(), e.lower()) for c, e in self.interaction_pairs}))
+        object.__setattr__(self, "interaction_pairs", pairs)
+
+    @property
+    def longest(self) -> int:
+        """The longest window in days."""
+        return self.windows[-1]
+
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """Channels named by the interaction pairs, sorted."""
+        return tuple(sorted({c for c, _ in self.interaction_pairs}))
+
+    @property
+    def lookback_days(self) -> int:
+        """How far before a cutoff windowed transaction features look (trends: two windows)."""
+        return 2 * self.longest
+
+
+def transaction_feature_columns(spec: FeatureSpec) -> list[str]:
+    """Names of the transaction feature columns, in output order."""
+    cols = [
+        "frequency",
+        "recency",
+        "T",
+        "monetary_value",
+        "recency_days",
+        "tenure_days",
+        "n_purchases",
+        "n_purchase_days",
+        "total_spend",
+        "avg_order_value",
+        "spend_std",
+        "ipt_mean_days",
+        "ipt_std_days",
+    ]
+    for w in spec.windows:
+        cols += [f"purchases_{w}d", f"spend_{w}d", f"purchases_trend_{w}d", f"spend_trend_{w}d"]
+    return cols
+
+
+def interaction_feature_columns(spec: FeatureSpec) -> list[str]:
+    """Names of the interaction feature columns, in output order (empty without pairs)."""
+    if not spec.interaction_pairs:
+        return []
+    cols = [
+        f"{_ident(c)}_{_plural(e)}_{w}d" for c, e in spec.interaction_pairs for w in spec.windows
+    ]
+    cols += [f"days_since_{_ident(c)}" for c in spec.channels]
+    cols += [f"responses_{w}d" for w in spec.windows] + ["days_since_response"]
+    cols += [f"complaints_{w}d" for w in spec.windows] + ["days_since_complaint"]
+    pairs = set(spec.interaction_pairs)
+    if ("email", "sent") in pairs:
+        for event in ("open", "click"):
+            if ("email", event) in pairs:
+                cols.append(f"email_{event}_rate_{spec.longest}d")
+    cols.append("preferred_channel")
+    return cols
+
+
+SCORE_COLUMNS = ["r_score", "f_score", "m_score", "fm_score", "segment"]
+
+
+def feature_columns(spec: FeatureSpec) -> list[str]:
+    """Every column :func:`features_sql` returns, keys first."""
+    return [
+        "customer_id",
+        "as_of",
+        *transaction_feature_columns(spec),
+        *interaction_feature_columns(spec),
+        *SCORE_COLUMNS,
+    ]
+
+
+def _daily_sql(horizon_days: int = 0) -> str:
+    """Transactions rolled up to one row per customer and purchase-or-refund day.
+
+    ``gap`` is the distance in days to the customer's previous purchase day (NULL on the first
+    purchase day and on refund-only days): it does not depend on the cutoff, so it is computed
+    once however many cutoffs there are.
+    """
+    return f"""
+    tx_daily AS (
+        SELECT
+            customer_id,
+            CAST(timestamp AS DATE) AS day,
+            SUM(amount) AS spend,
+            COUNT(*) FILTER (WHERE amount >= 0) AS n_orders,
+            SUM(amount) FILTER (WHERE amount >= 0) AS order_spend,
+            SUM(amount * amount) FILTER (WHERE amount >= 0) AS order_spend_sq
+        FROM tx
+        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs) + {int(horizon_days)}
+        GROUP BY customer_id, CAST(timestamp AS DATE)
+    ),
+    tx_days AS (
+        SELECT
+            *,
+            CASE WHEN n_orders > 0 THEN
+                DATE_DIFF('day', LAG(day) OVER (
+                    PARTITION BY customer_id, n_orders > 0 ORDER BY day), day)
+            END AS gap
+        FROM tx_daily
+    )"""
+
+
+def _trend(now: str, before: str) -> str:
+    return (
+        f"CASE WHEN ABS({now}) + ABS({before}) > 0 "
+        f"THEN ({now} - {before}) / (ABS({now}) + ABS({before})) ELSE 0.0 END"
+    )
+
+
+def _transaction_sql(spec: FeatureSpec) -> str:
+    window_aggs = []
+    for w in spec.windows:
+        now = f"d.day > c.as_of - {w}"
+        before = f"d.day > c.as_of - {2 * w} AND d.day <= c.as_of - {w}"
+        window_aggs += [
+            f"CAST(COALESCE(SUM(d.n_orders) FILTER (WHERE {now}), 0) AS BIGINT) AS purchases_{w}d",
+            f"COALESCE(SUM(d.spend) FILTER (WHERE {now}), 0.0) AS spend_{w}d",
+            f"COALESCE(SUM(d.n_orders) FILTER (WHERE {before}), 0) AS _purchases_before_{w}d",
+            f"COALESCE(SUM(d.spend) FILTER (WHERE {before}), 0.0) AS _spend_before_{w}d",
+        ]
+    windows = ",\n            ".join(window_aggs)
+    return f"""
+    tx_agg AS (
+        SELECT
+            d.customer_id,
+            c.as_of,
+            MIN(d.day) FILTER (WHERE d.n_orders > 0) AS first_day,
+            MAX(d.day) FILTER (WHERE d.n_orders > 0) AS last_day,
+            COUNT(*) FILTER (WHERE d.n_orders > 0) AS n_purchase_days,
+            CAST(SUM(d.n_orders) AS BIGINT) AS n_purchases,
+            SUM(d.spend) AS total_spend,
+            SUM(d.spend) FILTER (WHERE d.n_orders > 0 AND d.gap IS NOT NULL) AS repeat_spend,
+            SUM(d.order_spend) AS order_spend,
+            SUM(d.order_spend_sq) AS order_spend_sq,
+            SUM(d.gap) AS gap_sum,
+            SUM(d.gap * d.gap) AS gap_sq,
+            {windows}
+        FROM tx_days AS d
+        JOIN cutoffs AS c ON d.day <= c.as_of
+        GROUP BY d.customer_id, c.as_of
+        HAVING COUNT(*) FILTER (WHERE d.n_orders > 0) > 0
+    ),
+    tx_feat AS (
+        SELECT
+            customer_id,
+            as_of,
+            CAST(n_purchase_days - 1 AS DOUBLE) AS frequency,
+            CAST(DATE_DIFF('day', first_day, last_day) AS DOUBLE) AS recency,
+            CAST(DATE_DIFF('day', first_day, as_of) AS DOUBLE) AS T,
+            CASE WHEN n_purchase_days > 1 THEN repeat_spend / (n_purchase_days - 1)
+                 ELSE 0.0 END AS monetary_value,
+            DATE_DIFF('day', last_day, as_of) AS recency_days,
+            DATE_DIFF('day', first_day, as_of) AS tenure_days,
+            n_purchases,
+            n_purchase_days,
+            total_spend,
+            order_spend / n_purchases AS avg_order_value,
+            CASE WHEN n_purchases > 1 THEN SQRT(GREATEST(0.0,
+                (order_spend_sq - order_spend * order_spend / n_purchases) / (n_purchases - 1)))
+            END AS spend_std,
+            CASE WHEN n_purchase_days > 1
+                 THEN CAST(gap_sum AS DOUBLE) / (n_purchase_days - 1) END AS ipt_mean_days,
+            CASE WHEN n_purchase_days > 2 THEN SQRT(GREATEST(0.0,
+                (gap_sq - CAST(gap_sum AS DOUBLE) * gap_sum / (n_purchase_days - 1))
+                / (n_purchase_days - 2)))
+            END AS ipt_std_days,
+            {_window_outputs(spec)}
+        FROM tx_agg
+    )"""
+
+
+def _window_outputs(spec: FeatureSpec) -> str:
+    outs = []
+    for w in spec.windows:
+        outs += [
+            f"purchases_{w}d",
+            f"spend_{w}d",
+            f"{_trend(f'CAST(purchases_{w}d AS DOUBLE)', f'_purchases_before_{w}d')}"
+            f" AS purchases_trend_{w}d",
+            f"{_trend(f'spend_{w}d', f'_spend_before_{w}d')} AS spend_trend_{w}d",
+        ]
+    return ",\n            ".join(outs)
+
+
+def _interaction_sql(spec: FeatureSpec) -> str:
+    # Two levels: count per (customer, cutoff, channel, event) first, then pivot the far
+    # smaller result into columns; the raw events are scanned once, with one filter per window.
+    non_response = ", ".join(_quote(e) for e in (*OUTBOUND_EVENTS, COMPLAINT_EVENT))
+    is_response = "p.is_response"
+    is_complaint = "p.is_complaint"
+    pair_id = {pair: k for k, pair in enumerate(spec.interaction_pairs)}
+    channel_id = {ch: k for k, ch in enumerate(spec.channels)}
+    pair_case = " ".join(
+        f"WHEN channel = {_quote(c)} AND event = {_quote(e)} THEN {k}"
+        for (c, e), k in pair_id.items()
+    )
+    channel_case = " ".join(f"WHEN channel = {_quote(ch)} THEN {k}" for ch, k in channel_id.items())
+    counts = ",\n            ".join(
+        f"COUNT(*) FILTER (WHERE i.day > c.as_of - {w}) AS n_{w}d" for w in spec.windows
+    )
+    aggs = []
+    for c, e in spec.interaction_pairs:
+        for w in spec.windows:
+            aggs.append(
+                f"SUM(p.n_{w}d) FILTER (WHERE p.pair_id = {pair_id[(c, e)]})"
+                f" AS {_ident(c)}_{_plural(e)}_{w}d"
+            )
+    for ch in spec.channels:
+        on_channel = f"p.channel_id = {channel_id[ch]}"
+        aggs.append(
+            f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {on_channel}), p.as_of)"
+            f" AS days_since_{_ident(ch)}"
+        )
+        aggs.append(
+            f"SUM(p.n_{spec.longest}d) FILTER (WHERE {on_channel} AND {is_response})"
+            f" AS _responses_{_ident(ch)}"
+        )
+    for w in spec.windows:
+        aggs.append(f"SUM(p.n_{w}d) FILTER (WHERE {is_response}) AS responses_{w}d")
+    aggs.append(
+        f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {is_response}), p.as_of)"
+        " AS days_since_response"
+    )
+    for w in spec.windows:
+        aggs.append(f"SUM(p.n_{w}d) FILTER (WHERE {is_complaint}) AS complaints_{w}d")
+    aggs.append(
+        f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {is_complaint}), p.as_of)"
+        " AS days_since_complaint"
+    )
+    body = ",\n            ".join(aggs)
+    return f"""
+    ix_days AS (
+        SELECT customer_id, CAST(timestamp AS DATE) AS day, channel, event
+        FROM ix
+        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
+    ),
+    ix_pairs AS (
+        SELECT
+            i.customer_id,
+            c.as_of,
+            CAST(i.channel AS VARCHAR) AS channel,
+            CAST(i.event AS VARCHAR) AS event,
+            {counts},
+            MAX(i.day) AS last_day
+        FROM ix_days AS i
+        JOIN cutoffs AS c ON i.day <= c.as_of
+        GROUP BY i.customer_id, c.as_of, i.channel, i.event
+    ),
+    ix_coded AS (
+        -- Small integer codes once per (customer, channel, event) row, so that the pivot's
+        -- dozens of filters compare integers rather than strings.
+        SELECT
+            *,
+            CASE {pair_case} END AS pair_id,
+            CASE {channel_case} END AS channel_id,
+            event NOT IN ({non_response}) AS is_response,
+            event = {_quote(COMPLAINT_EVENT)} AS is_complaint
+        FROM ix_pairs
+    ),
+    ix_feat AS (
+        SELECT
+            p.customer_id,
+            p.as_of,
+            {body}
+        FROM ix_coded AS p
+        GROUP BY p.customer_id, p.as_of
+    )"""
+
+
+def _interaction_outputs(spec: FeatureSpec) -> list[str]:
+    """Select-list entries turning ``ix_feat`` columns into the final interaction features."""
+    pairs = set(spec.interaction_pairs)
+    outs = []
+    for col in interaction_feature_columns(spec):
+        if col.startswith("days_since_") or col == "preferred_channel" or "_rate_" in col:
+            continue
+        outs.append(f"COALESCE(x.{col}, 0) AS {col}")
+    outs += [f"x.days_since_{_ident(ch)}" for ch in spec.channels]
+    outs += ["x.days_since_response", "x.days_since_complaint"]
+    if ("email", "sent") in pairs:
+        sends = f"x.email_sends_{spec.longest}d"
+        for event in ("open", "click"):
+            if ("email", event) in pairs:
+                outs.append(
+                    f"CASE WHEN {sends} > 0 THEN CAST(x.email_{_plural(event)}_{spec.longest}d "
+                    f"AS DOUBLE) / {sends} END AS email_{event}_rate_{spec.longest}d"
+                )
+    responses = [f"COALESCE(x._responses_{_ident(ch)}, 0)" for ch in spec.channels]
+    best = f"GREATEST({', '.join(responses)})" if len(responses) > 1 else responses[0]
+    whens = " ".join(
+        f"WHEN {r} = {best} THEN {_quote(ch)}"
+        for r, ch in zip(responses, spec.channels, strict=True)
+    )
+    outs.append(f"CASE WHEN {best} > 0 THEN CASE {whens} END END AS preferred_channel")
+    return outs
+
+
+def _score(column: str, *, descending: bool) -> str:
+    rank = f"PERCENT_RANK() OVER (PARTITION BY as_of ORDER BY {column})"
+    bucket = f"LEAST(4, CAST(FLOOR(5 * {rank}) AS INTEGER))"
+    return f"5 - {bucket}" if descending else f"1 + {bucket}"
+
+
+def features_sql(spec: FeatureSpec) -> str:
+    """The whole feature query: one row per (customer with a purchase by ``as_of``, ``as_of``).
+
+    Columns are :func:`feature_columns` (``spec``), ordered by ``as_of`` then ``customer_id``.
+    """
+    ctes = [_daily_sql(), _transaction_sql(spec)]
+    tx_cols = [f"t.{c}" for c in transaction_feature_columns(spec)]
+    select = ["t.customer_id", "t.as_of", *tx_cols]
+    join = ""
+    if spec.interaction_pairs:
+        ctes.append(_interaction_sql(spec))
+        select += _interaction_outputs(spec)
+        join = "LEFT JOIN ix_feat AS x ON x.customer_id = t.customer_id AND x.as_of = t.as_of"
+    body = ",\n        ".join(select)
+    ctes.append(f"""
+    joined AS (
+        SELECT
+        {body}
+        FROM tx_feat AS t
+        {join}
+    ),
+    scores AS (
+        -- Ranked on a narrow projection: windows over the wide feature rows cost 10x more.
+        SELECT
+            customer_id,
+            as_of,
+            {_score("recency_days", descending=True)} AS r_score,
+            {_score("n_purchase_days", descending=False)} AS f_score,
+            {_score("total_spend", descending=False)} AS m_score
+        FROM tx_feat
+    ),
+    scored AS (
+        SELECT j.*, s.r_score, s.f_score, s.m_score
+        FROM joined AS j
+        JOIN scores AS s ON s.customer_id = j.customer_id AND s.as_of = j.as_of
+    )""")
+    return (
+        "WITH"
+        + ",".join(ctes)
+        + f"""
+    SELECT
+        *,
+        CAST(CEIL((f_score + m_score) / 2.0) AS INTEGER) AS fm_score,
+        {segment_case_sql("r_score", "CAST(CEIL((f_score + m_score) / 2.0) AS INTEGER)")}
+            AS segment
+    FROM scored
+    ORDER BY as_of, customer_id
+    """
+    )
+
+
+def labels_sql(horizon_days: int) -> str:
+    """Labels for a horizon after each cutoff, for customers with a purchase by the cutoff.
+
+    Columns: ``customer_id``, ``as_of``, ``churned_{H}d`` (bool), ``future_spend_{H}d``
+    (float64), ``future_purchases_{H}d`` (int64); ordered by ``as_of`` then ``customer_id``.
+    """
+    h = int(horizon_days)
+    if h <= 0:
+        raise ValueError(f"horizon_days must be a positive number of days, got {horizon_days}")
+    return f"""
+    WITH {_daily_sql(h).strip()},
+    lab AS (
+        SELECT
+            d.customer_id,
+            c.as_of,
+            CAST(COALESCE(SUM(d.n_orders) FILTER (WHERE d.day > c.as_of), 0) AS BIGINT)
+                AS future_purchases,
+            COALESCE(SUM(d.spend) FILTER (WHERE d.day > c.as_of), 0.0) AS future_spend
+        FROM tx_days AS d
+        JOIN cutoffs AS c ON d.day <= c.as_of + {h}
+        GROUP BY d.customer_id, c.as_of
+        HAVING COUNT(*) FILTER (WHERE d.day <= c.as_of AND d.n_orders > 0) > 0
+    )
+    SELECT
+        customer_id,
+        as_of,
+        future_purchases = 0 AS churned_{h}d,
+        future_spend AS future_spend_{h}d,
+        future_purchases AS future_purchases_{h}d
+    FROM lab
+    ORDER BY as_of, customer_id
+    """
+
+
+def transpile(sql: str, dialect: str = "spark") -> str:
+    """Translate one of these queries from DuckDB's dialect to another engine's (sqlglot)."""
+    import sqlglot
+
+    return sqlglot.transpile(sql, read="duckdb", write=dialect, pretty=True)[0]
+
+
+def discover_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """Normalise observed (channel, event) pairs: lower case, unique, sorted."""
+    return tuple(sorted({(str(c).lower(), str(e).lower()) for c, e in pairs}))

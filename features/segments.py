@@ -1,0 +1,97 @@
+"""Named RFM segments: documented rules on the R score and the combined FM score.
+
+Scores run 1-5 (5 best: most recent, most frequent, highest spend), cut by quantile within each
+cutoff; ``fm_score = ceil((f_score + m_score) / 2)``. Each (R, FM) cell maps to exactly one
+segment, so the same scores always give the same segment:
+
+=========  ======  ==================  =====================================================
+R          FM      segment             what to do
+=========  ======  ==================  =====================================================
+5          4-5     Champions           reward; ask for reviews and referrals
+3-4        4-5     Loyal               upsell; loyalty programme
+4-5        2-3     Potential loyalist  membership, recommendations
+5          1       New                 onboarding, a second purchase
+4          1       Promising           brand awareness, free trials
+3          3       Need attention      limited-time offers based on history
+3          1-2     About to sleep      reactivate with popular products
+1-2        3-4     At risk             personal win-back e-mails, renewals
+1-2        5       Can't lose them     win back at any cost; talk to them
+2          1-2     Hibernating         other relevant products, special discounts
+1          2       Hibernating
+1          1       Lost                revive interest cheaply, or let go
+=========  ======  ==================  =====================================================
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+
+#: (segment, R scores, FM scores): every one of the 25 cells appears exactly once.
+SEGMENT_RULES: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...] = (
+    ("Champions", (5,), (4, 5)),
+    ("Loyal", (3, 4), (4, 5)),
+    ("Potential loyalist", (4, 5), (2, 3)),
+    ("New", (5,), (1,)),
+    ("Promising", (4,), (1,)),
+    ("Need attention", (3,), (3,)),
+    ("About to sleep", (3,), (1, 2)),
+    ("At risk", (1, 2), (3, 4)),
+    ("Can't lose them", (1, 2), (5,)),
+    ("Hibernating", (2,), (1, 2)),
+    ("Hibernating", (1,), (2,)),
+    ("Lost", (1,), (1,)),
+)
+
+#: Segment names in a stable, marketing-friendly order (best first).
+SEGMENTS: tuple[str, ...] = tuple(dict.fromkeys(name for name, _, _ in SEGMENT_RULES))
+
+
+def segment_of(r_score: int, fm_score: int) -> str:
+    """The segment of one (R, FM) cell."""
+    for name, rs, fms in SEGMENT_RULES:
+        if r_score in rs and fm_score in fms:
+            return name
+    raise ValueError(f"scores must be 1-5, got R={r_score}, FM={fm_score}")
+
+
+def segment_case_sql(r: str, fm: str) -> str:
+    """A SQL ``CASE`` expression giving the segment from R and FM score expressions."""
+    whens = []
+    for name, rs, fms in SEGMENT_RULES:
+        quoted = name.replace("'", "''")
+        whens.append(
+            f"WHEN {r} IN ({', '.join(map(str, rs))}) AND {fm} IN ({', '.join(map(str, fms))}) "
+            f"THEN '{quoted}'"
+        )
+    return "CASE " + " ".join(whens) + " END"
+
+
+def segment_summary(features: pd.DataFrame) -> pd.DataFrame:
+    """Customers, share and mean RFM per segment and cutoff.
+
+    Parameters
+    ----------
+    features
+        Output of :func:`rapport.features.build.build_features` (needs ``as_of``,
+        ``segment``, ``recency_days``, ``n_purchase_days``, ``total_spend``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``as_of``, ``segment``, ``customers``, ``share``, ``recency_days``,
+        ``n_purchase_days``, ``total_spend`` (means), segments in :data:`SEGMENTS` order.
+    """
+    grouped = features.groupby(["as_of", "segment"], observed=True)
+    out = grouped.agg(
+        customers=("customer_id", "size"),
+        recency_days=("recency_days", "mean"),
+        n_purchase_days=("n_purchase_days", "mean"),
+        total_spend=("total_spend", "mean"),
+    ).reset_index()
+    out["share"] = out["customers"] / out.groupby("as_of")["customers"].transform("sum")
+    order = {name: i for i, name in enumerate(SEGMENTS)}
+    out = out.sort_values(
+        ["as_of", "segment"], key=lambda s: s.map(order) if s.name == "segment" else s
+    )
+    columns = ["as_of", "segment", "customers", "share", "recency_days", "n_purchase_days"]
+    return out[[*columns, "total_spend"]].reset_index(drop=True)

@@ -1,0 +1,241 @@
+from __future__ import annotations
+
+import datetime as dt
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rapport.features.build import build_features, build_labels, parse_cutoffs
+from rapport.features.definitions import FeatureSpec, feature_columns, features_sql, transpile
+
+AS_OF = "2024-03-01"
+
+
+def row(feats: pd.DataFrame, customer: str) -> pd.Series:
+    return feats.set_index("customer_id").loc[customer]
+
+
+def test_population_is_customers_with_a_purchase_by_the_cutoff(tiny_tx):
+    feats = build_features(tiny_tx, as_of=AS_OF)
+    # C buys first after the cutoff, D only has a refund.
+    assert feats["customer_id"].tolist() == ["A", "B"]
+    assert (feats["as_of"] == pd.Timestamp(AS_OF)).all()
+
+
+def test_btyd_and_rfm_hand_computed(tiny_tx):
+    a = row(build_features(tiny_tx, as_of=AS_OF), "A")
+    # purchase days 01-01, 01-11, 02-10; cutoff 03-01 (2024 is a leap year)
+    assert a["frequency"] == 2
+    assert a["recency"] == 40
+    assert a["T"] == 60
+    assert a["monetary_value"] == pytest.approx((20 + 30) / 2)
+    assert a["recency_days"] == 20
+    assert a["tenure_days"] == 60
+    assert a["n_purchases"] == 4
+    assert a["n_purchase_days"] == 3
+    assert a["total_spend"] == pytest.approx(60.0)
+    assert a["avg_order_value"] == pytest.approx(16.25)
+    assert a["spend_std"] == pytest.approx(np.std([10, 5, 20, 30], ddof=1))
+    assert a["ipt_mean_days"] == pytest.approx(20.0)
+    assert a["ipt_std_days"] == pytest.approx(np.std([10, 30], ddof=1))
+
+
+def test_windows_and_trends_hand_computed(tiny_tx):
+    a = row(build_features(tiny_tx, as_of=AS_OF, windows=(30, 90)), "A")
+    # 30d = days after 01-31: the 02-10 purchase and the 02-12 refund
+    assert a["purchases_30d"] == 1
+    assert a["spend_30d"] == pytest.approx(25.0)
+    # the 30 days before that, (01-01, 01-31]: the 01-11 purchase (20)
+    assert a["purchases_trend_30d"] == pytest.approx(0.0)
+    assert a["spend_trend_30d"] == pytest.approx((25 - 20) / (25 + 20))
+    assert a["purchases_90d"] == 4
+    assert a["spend_90d"] == pytest.approx(60.0)
+    assert a["purchases_trend_90d"] == pytest.approx(1.0)
+
+
+def test_single_purchase_customer(tiny_tx):
+    b = row(build_features(tiny_tx, as_of=AS_OF), "B")
+    assert (b["frequency"], b["recency"], b["T"], b["monetary_value"]) == (0, 0, 10, 0)
+    assert b["recency_days"] == 10
+    assert math.isnan(b["spend_std"]) and math.isnan(b["ipt_mean_days"])
+
+
+def test_interaction_features_hand_computed(tiny_tx, tiny_ix):
+    feats = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+    a, b = row(feats, "A"), row(feats, "B")
+    assert a["email_sends_30d"] == 2
+    assert a["email_opens_30d"] == 1  # the 03-02 open is after the cutoff
+    assert a["email_clicks_30d"] == 1
+    assert a["web_visits_30d"] == 0 and a["web_visits_90d"] == 1
+    assert a["phone_complaints_30d"] == 1
+    assert a["days_since_email"] == 14
+    assert a["days_since_web"] == 56
+    assert a["days_since_phone"] == 10
+    assert a["responses_30d"] == 2 and a["responses_90d"] == 3
+    assert a["days_since_response"] == 14
+    assert a["complaints_30d"] == 1 and a["days_since_complaint"] == 10
+    assert a["email_open_rate_365d"] == pytest.approx(0.5)
+    assert a["email_click_rate_365d"] == pytest.approx(0.5)
+    assert a["preferred_channel"] == "email"
+    # B never interacted: counts are zero, recencies and rates missing
+    assert b["email_sends_30d"] == 0 and b["responses_365d"] == 0
+    assert pd.isna(b["days_since_email"]) and pd.isna(b["email_open_rate_365d"])
+    assert pd.isna(b["preferred_channel"])
+    # Z interacted but never bought: not a customer
+    assert "Z" not in set(feats["customer_id"])
+
+
+def test_point_in_time_events_after_the_cutoff_change_nothing(tiny_tx, tiny_ix):
+    before = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+    later_tx = pd.DataFrame(
+        {
+            "customer_id": ["A", "B", "E", "A"],
+            "timestamp": pd.to_datetime(
+                [
+                    "2024-03-02 00:00:00",
+                    "2024-06-01 00:00:00",
+                    "2024-03-01 00:00:01",
+                    "2024-03-01 23:59:59",
+                ]
+            ),
+            "amount": [999.0, 5.0, 1.0, 0.0],
+        }
+    )
+    # one on the cutoff day itself: a date cutoff includes that whole day
+    changed_tx = pd.concat([tiny_tx[tiny_tx["timestamp"] <= "2024-03-01 23:59:59"], later_tx[:2]])
+    changed_ix = tiny_ix.copy()
+    changed_ix.loc[changed_ix["timestamp"] > "2024-03-02", "event"] = "click"
+    after = build_features(changed_tx, changed_ix, as_of=AS_OF)
+    pd.testing.assert_frame_equal(before, after)
+    on_day = build_features(pd.concat([tiny_tx, later_tx[2:]]), as_of=AS_OF)
+    assert set(on_day["customer_id"]) == {"A", "B", "E"}
+    assert row(on_day, "A")["recency_days"] == 0
+
+
+def test_several_cutoffs_equal_separate_runs(tiny_tx, tiny_ix):
+    cutoffs = ["2024-01-31", "2024-02-29", "2024-03-01"]
+    together = build_features(tiny_tx, tiny_ix, as_of=cutoffs)
+    assert together.groupby("as_of").size().tolist() == [1, 2, 2]
+    for cutoff in cutoffs:
+        alone = build_features(tiny_tx, tiny_ix, as_of=cutoff)
+        part = together[together["as_of"] == pd.Timestamp(cutoff)].reset_index(drop=True)
+        # scores are quantiles within a cutoff, so they match too
+        pd.testing.assert_frame_equal(part, alone, check_dtype=False)
+
+
+def test_columns_follow_the_definitions(tiny_tx, tiny_ix):
+    feats = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+    pairs = (
+        ("email", "click"),
+        ("email", "open"),
+        ("email", "sent"),
+        ("phone", "complaint"),
+        ("web", "visit"),
+    )
+    assert list(feats.columns) == feature_columns(FeatureSpec(interaction_pairs=pairs))
+
+
+def test_pinned_pairs_give_fixed_columns(tiny_tx, tiny_ix):
+    pairs = [("email", "sent"), ("app", "open")]
+    feats = build_features(tiny_tx, tiny_ix, as_of=AS_OF, interaction_pairs=pairs)
+    assert "app_opens_30d" in feats.columns and "web_visits_30d" not in feats.columns
+    assert (feats["app_opens_365d"] == 0).all()
+
+
+def test_labels_hand_computed(tiny_tx):
+    labels = build_labels(tiny_tx, as_of=AS_OF, horizon_days=10).set_index("customer_id")
+    assert list(labels.index) == ["A", "B"]
+    assert bool(labels.loc["A", "churned_10d"]) is True
+    assert bool(labels.loc["B", "churned_10d"]) is False
+    assert labels.loc["B", "future_spend_10d"] == pytest.approx(15.0)
+    assert labels.loc["B", "future_purchases_10d"] == 1
+
+
+def test_labels_refuse_a_censored_horizon(tiny_tx):
+    with pytest.raises(ValueError, match="censored"):
+        build_labels(tiny_tx, as_of=AS_OF, horizon_days=60)
+    labels = build_labels(tiny_tx, as_of=AS_OF, horizon_days=60, allow_incomplete=True)
+    assert len(labels) == 2
+
+
+def test_parse_cutoffs():
+    assert parse_cutoffs("2024-02-29, 2024-01-31,2024-02-29") == [
+        dt.date(2024, 1, 31),
+        dt.date(2024, 2, 29),
+    ]
+    assert parse_cutoffs(pd.Timestamp("2024-01-31", tz="UTC")) == [dt.date(2024, 1, 31)]
+    with pytest.raises(ValueError, match="time of day"):
+        parse_cutoffs("2024-01-31 12:00")
+    with pytest.raises(ValueError, match="not a date"):
+        parse_cutoffs("yesterday-ish")
+
+
+def test_timezone_aware_input_is_compared_in_utc():
+    # 23:30 in New York on 03-01 is 04:30 UTC on 03-02: after a 03-01 cutoff.
+    tx = pd.DataFrame(
+        {
+            "customer_id": [1, 2],
+            "timestamp": pd.to_datetime(["2024-02-01 10:00", "2024-03-01 23:30"]).tz_localize(
+                "America/New_York"
+            ),
+            "amount": [1.0, 2.0],
+        }
+    )
+    feats = build_features(tx, as_of=AS_OF)
+    assert feats["customer_id"].tolist() == [1]
+
+
+def test_same_result_whatever_the_row_order(tiny_tx, tiny_ix):
+    a = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+    b = build_features(tiny_tx.sample(frac=1, random_state=3), tiny_ix[::-1], as_of=AS_OF)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_sql_transpiles_to_spark():
+    spec = FeatureSpec(interaction_pairs=(("email", "sent"), ("email", "open"), ("web", "visit")))
+    spark = transpile(features_sql(spec), "spark")
+    assert "DATEDIFF" in spark.upper() and "PERCENT_RANK" in spark.upper()
+
+
+# --- properties -------------------------------------------------------------------------------
+
+events = st.lists(
+    st.tuples(
+        st.integers(0, 6),  # customer
+        st.integers(0, 400),  # day offset
+        st.sampled_from([-20.0, 0.0, 5.0, 12.5, 40.0]),
+    ),
+    min_size=1,
+    max_size=60,
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(events=events, cutoff_offset=st.integers(0, 400))
+def test_properties(events, cutoff_offset):
+    start = pd.Timestamp("2023-01-01")
+    tx = pd.DataFrame(
+        {
+            "customer_id": [c for c, _, _ in events],
+            "timestamp": [start + pd.Timedelta(days=d, hours=c) for c, d, _ in events],
+            "amount": [a for _, _, a in events],
+        }
+    )
+    as_of = (start + pd.Timedelta(days=cutoff_offset)).date()
+    feats = build_features(tx, as_of=as_of, windows=(7, 30, 90), validate=False)
+    if feats.empty:
+        return
+    assert (feats["frequency"] <= feats["n_purchases"] - 1).all()
+    assert (feats["recency"] <= feats["T"]).all()
+    assert (feats["recency_days"] + feats["recency"] == feats["T"]).all()
+    assert (feats["purchases_7d"] <= feats["purchases_30d"]).all()
+    assert (feats["purchases_30d"] <= feats["purchases_90d"]).all()
+    assert (feats["purchases_90d"] <= feats["n_purchases"]).all()
+    for col in ("purchases_trend_30d", "spend_trend_30d"):
+        assert feats[col].between(-1, 1).all()
+    assert feats[["r_score", "f_score", "m_score", "fm_score"]].isin(range(1, 6)).all().all()
+    assert feats["segment"].notna().all()

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import itertools
+
+import pandas as pd
+import pytest
+
+from rapport.features.build import build_features
+from rapport.features.segments import SEGMENT_RULES, SEGMENTS, segment_of, segment_summary
+from rapport.features.synthetic import SyntheticConfig, generate_synthetic
+
+
+def test_every_cell_has_exactly_one_segment():
+    cells = [(r, fm) for _, rs, fms in SEGMENT_RULES for r in rs for fm in fms]
+    assert sorted(cells) == list(itertools.product(range(1, 6), repeat=2))
+    assert segment_of(5, 5) == "Champions" and segment_of(1, 1) == "Lost"
+    assert segment_of(1, 5) == "Can't lose them" and segment_of(5, 1) == "New"
+    with pytest.raises(ValueError):
+        segment_of(0, 3)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_synthetic(SyntheticConfig(n_customers=3_000, seed=7))
+
+
+def test_scores_are_quantiles_and_segments_match_rules(world):
+    tx, ix = world
+    feats = build_features(tx, ix, as_of="2025-06-30")
+    # ranks by quantile: the most recent fifth gets R=5, ties share a score
+    top = feats[feats["r_score"] == 5]["recency_days"].max()
+    assert (feats.loc[feats["recency_days"] <= top, "r_score"] == 5).all()
+    assert feats.groupby("r_score")["recency_days"].max().is_monotonic_decreasing
+    assert feats.groupby("m_score")["total_spend"].min().is_monotonic_increasing
+    expected = [
+        segment_of(r, fm) for r, fm in zip(feats["r_score"], feats["fm_score"], strict=True)
+    ]
+    assert feats["segment"].astype(str).tolist() == expected
+    assert set(feats["segment"].astype(str)) <= set(SEGMENTS)
+
+
+def test_segments_stable_across_runs_and_row_order(world):
+    tx, ix = world
+    a = build_features(tx, ix, as_of="2025-06-30")
+    b = build_features(tx.sample(frac=1.0, random_state=1), ix, as_of="2025-06-30")
+    pd.testing.assert_series_equal(a["segment"], b["segment"])
+
+
+def test_segment_summary(world):
+    tx, ix = world
+    feats = build_features(tx, ix, as_of=["2025-03-31", "2025-06-30"])
+    summary = segment_summary(feats)
+    assert summary.groupby("as_of")["share"].sum().round(9).eq(1).all()
+    assert (
+        summary.groupby("as_of")["customers"].sum().tolist()
+        == feats.groupby("as_of").size().tolist()
+    )
+    champions = summary[summary["segment"] == "Champions"]["recency_days"].mean()
+    lost = summary[summary["segment"] == "Lost"]["recency_days"].mean()
+    assert champions < lost

@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from rapport.features.datasets import load_cdnow
+from rapport.serving.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cdnow_csv(tmp_path):
+    path = tmp_path / "cdnow.csv"
+    df = load_cdnow("sample").rename(columns={"customer_id": "CustID", "timestamp": "Date"})
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_features_build_with_mapped_columns(tmp_path, cdnow_csv):
+    out = tmp_path / "feats.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "features", "build", "--transactions", str(cdnow_csv),
+            "--tx-columns", "customer_id=CustID,timestamp=Date",
+            "--as-of", "1997-09-30,1997-12-31", "--out", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    feats = pd.read_parquet(out)
+    assert feats.groupby("as_of").size().tolist() == [2_357, 2_357]
+    assert feats.loc[feats["as_of"] == "1997-09-30", "frequency"].sum() == 2_457
+    assert "Champions" in result.output
+
+
+def test_validation_error_exits_2_and_writes_nothing(tmp_path):
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame(
+        {"customer_id": [1, 2], "timestamp": ["2024-01-01", "2024-01-02"], "amount": ["1", "x"]}
+    ).to_csv(bad, index=False)
+    out = tmp_path / "feats.parquet"
+    result = runner.invoke(
+        app, ["features", "build", "-t", str(bad), "--as-of", "2024-02-01", "-o", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "column 'amount'" in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == [bad]
+
+
+def test_labels_command(tmp_path, cdnow_csv):
+    out = tmp_path / "labels.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "features", "labels", "-t", str(cdnow_csv),
+            "--tx-columns", "customer_id=CustID,timestamp=Date",
+            "--as-of", "1997-09-30", "--horizon-days", "273", "-o", str(out),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    labels = pd.read_parquet(out)
+    assert len(labels) == 2_357 and labels["churned_273d"].dtype == bool
+
+
+def test_demo_main_job(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPPORT_HOME", str(tmp_path / "home"))
+    result = runner.invoke(app, ["demo", "--customers", "1500"])
+    assert result.exit_code == 0, result.output
+    feats = pd.read_parquet(tmp_path / "home" / "demo" / "features.parquet")
+    labels = pd.read_parquet(tmp_path / "home" / "demo" / "labels.parquet")
+    assert feats["as_of"].nunique() == 12
+    assert len(feats) == len(labels)
+    assert "Demo customers by segment" in result.output
+
+
+def test_every_option_has_help():
+    import typer.main
+
+    group = typer.main.get_command(app)
+
+    def walk(command):
+        for param in command.params:
+            if param.param_type_name == "option" and param.name != "help":
+                assert getattr(param, "help", None), f"{command.name} --{param.name} has no help"
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(group)
