@@ -7,7 +7,9 @@ registers them with an embedded DuckDB connection, runs the queries and hands ba
 from __future__ import annotations
 
 import datetime as dt
+import tempfile
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -25,6 +27,9 @@ from rapport.features.contracts import (
     validate_table,
 )
 from rapport.features.segments import SEGMENTS
+
+#: DuckDB's working-memory budget unless a caller sets one (``RAPPORT_DUCKDB_MEMORY_LIMIT``).
+DEFAULT_MEMORY_LIMIT = "2GB"
 
 CutoffsLike = str | dt.date | pd.Timestamp | np.datetime64 | Iterable[str | dt.date | pd.Timestamp]
 
@@ -81,12 +86,30 @@ def connect(
     con.execute("SET preserve_insertion_order = false")
     if threads is not None:
         con.execute(f"SET threads = {int(threads)}")
-    if memory_limit is not None:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
+    # DuckDB defaults to 80% of RAM; a fixed budget makes big aggregations spill to disk
+    # instead, so peak memory stays bounded whatever the input size.
+    con.execute(f"SET memory_limit = '{memory_limit or DEFAULT_MEMORY_LIMIT}'")
+    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/rapport_duckdb'")
     return con
 
 
-def _table(source: TableSource, kind: TableKind, *, validate: bool) -> pd.DataFrame:
+Input = pd.DataFrame | Path
+
+
+def _is_parquet(source: object) -> bool:
+    if isinstance(source, pd.DataFrame):
+        return False
+    path = Path(source)  # type: ignore[arg-type]
+    return path.is_dir() or path.suffix.lower() in (".parquet", ".pq")
+
+
+def _table(source: TableSource, kind: TableKind, *, validate: bool) -> Input:
+    """Validated frame, or (trusted fast path) a Parquet path that DuckDB scans directly."""
+    if not validate and _is_parquet(source):
+        path = Path(source)  # type: ignore[arg-type]
+        if not path.exists():
+            raise DataValidationError(kind, None, f"file not found: {path}")
+        return path
     df = read_table(source, kind=kind)
     if validate and not is_validated(df, kind):
         return validate_table(df, kind)
@@ -94,6 +117,25 @@ def _table(source: TableSource, kind: TableKind, *, validate: bool) -> pd.DataFr
     if missing:
         raise DataValidationError(kind, missing[0], "required column missing")
     return df
+
+
+def _bind(con: duckdb.DuckDBPyConnection, name: str, kind: TableKind, table: Input) -> None:
+    if isinstance(table, pd.DataFrame):
+        con.register(name, table)
+        return
+    columns = ", ".join(SCHEMAS[kind].required)
+    glob = str(table / "*.parquet") if table.is_dir() else str(table)
+    quoted = glob.replace("'", "''")
+    con.execute(
+        f"CREATE OR REPLACE TEMP VIEW {name} AS SELECT {columns} FROM read_parquet('{quoted}')"
+    )
+
+
+def _unbind(con: duckdb.DuckDBPyConnection, name: str, table: Input) -> None:
+    if isinstance(table, pd.DataFrame):
+        con.unregister(name)
+    else:
+        con.execute(f"DROP VIEW IF EXISTS {name}")
 
 
 def _align_ids(tx: pd.DataFrame, ix: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -107,24 +149,29 @@ def _align_ids(tx: pd.DataFrame, ix: pd.DataFrame) -> tuple[pd.DataFrame, pd.Dat
     return tx, ix
 
 
-def discover_interaction_pairs(interactions: pd.DataFrame) -> tuple[tuple[str, str], ...]:
+def discover_interaction_pairs(interactions: Input) -> tuple[tuple[str, str], ...]:
     """The distinct ``(channel, event)`` pairs of an interactions table, sorted."""
-    pairs = interactions.groupby(["channel", "event"], observed=True).size()
-    return defs.discover_pairs([(str(c), str(e)) for c, e in pairs.index])
+    if isinstance(interactions, pd.DataFrame):
+        pairs = interactions.groupby(["channel", "event"], observed=True).size()
+        return defs.discover_pairs([(str(c), str(e)) for c, e in pairs.index])
+    with connect() as con:
+        _bind(con, "ix", "interactions", interactions)
+        rows = con.execute("SELECT DISTINCT lower(channel), lower(event) FROM ix").fetchall()
+    return defs.discover_pairs(rows)
 
 
 def _run(
     sql: str,
     *,
     cutoffs: Sequence[dt.date],
-    tx: pd.DataFrame,
-    ix: pd.DataFrame | None = None,
+    tx: Input,
+    ix: Input | None = None,
     connection: duckdb.DuckDBPyConnection | None = None,
 ) -> pd.DataFrame:
     con = connection or connect()
-    con.register("tx", tx)
+    _bind(con, "tx", "transactions", tx)
     if ix is not None:
-        con.register("ix", ix)
+        _bind(con, "ix", "interactions", ix)
     con.execute(
         "CREATE OR REPLACE TEMP TABLE cutoffs AS SELECT CAST(UNNEST($dates) AS DATE) AS as_of",
         {"dates": [d.isoformat() for d in cutoffs]},
@@ -132,9 +179,9 @@ def _run(
     try:
         out = con.execute(sql).fetch_df()
     finally:
-        con.unregister("tx")
+        _unbind(con, "tx", tx)
         if ix is not None:
-            con.unregister("ix")
+            _unbind(con, "ix", ix)
         con.execute("DROP TABLE IF EXISTS cutoffs")
         if connection is None:
             con.close()
@@ -173,7 +220,9 @@ def build_features(
         ``(channel, event)`` pairs to count; by default those present in ``interactions``.
         Pin them (a trained model does) to get the same columns on any data.
     validate
-        Validate raw inputs (skipped for frames that came out of the loaders).
+        Validate raw inputs (skipped for frames that came out of the loaders). With
+        ``validate=False`` a Parquet path already in the contract is scanned by DuckDB
+        directly, never materialised in pandas: the fast path for large trusted data.
     connection
         A DuckDB connection to use (from :func:`connect`); a private one by default.
 
@@ -193,13 +242,13 @@ def build_features(
     cutoffs = parse_cutoffs(as_of)
     tx = _table(transactions, "transactions", validate=validate)
     ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
+    pairs: Sequence[tuple[str, str]] = ()
     if ix is not None:
-        tx, ix = _align_ids(tx, ix)
+        if isinstance(tx, pd.DataFrame) and isinstance(ix, pd.DataFrame):
+            tx, ix = _align_ids(tx, ix)
         pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
         if not pairs:
             ix = None
-    else:
-        pairs = ()
     spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
     out = _run(defs.features_sql(spec), cutoffs=cutoffs, tx=tx, ix=ix, connection=connection)
     out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
@@ -244,7 +293,13 @@ def build_labels(
     cutoffs = parse_cutoffs(as_of)
     tx = _table(transactions, "transactions", validate=validate)
     if not allow_incomplete:
-        last_day = pd.Timestamp(tx["timestamp"].max()).date()
+        if isinstance(tx, pd.DataFrame):
+            last = tx["timestamp"].max()
+        else:
+            with connect() as con:
+                _bind(con, "tx", "transactions", tx)
+                last = con.execute("SELECT MAX(timestamp) FROM tx").fetchone()[0]  # type: ignore[index]
+        last_day = pd.Timestamp(last).date()
         late = [c for c in cutoffs if c + dt.timedelta(days=int(horizon_days)) > last_day]
         if late:
             raise ValueError(

@@ -239,3 +239,18 @@ def test_properties(events, cutoff_offset):
         assert feats[col].between(-1, 1).all()
     assert feats[["r_score", "f_score", "m_score", "fm_score"]].isin(range(1, 6)).all().all()
     assert feats["segment"].notna().all()
+
+
+def test_trusted_parquet_fast_path_equals_frames(tmp_path, tiny_tx, tiny_ix):
+    from rapport.features.contracts import validate_table
+
+    tx, ix = validate_table(tiny_tx, "transactions"), validate_table(tiny_ix, "interactions")
+    tx.to_parquet(tmp_path / "tx.parquet")
+    ix.to_parquet(tmp_path / "ix.parquet")
+    framed = build_features(tx, ix, as_of=AS_OF)
+    scanned = build_features(
+        tmp_path / "tx.parquet", tmp_path / "ix.parquet", as_of=AS_OF, validate=False
+    )
+    pd.testing.assert_frame_equal(framed, scanned, check_dtype=False)
+    labels = build_labels(tmp_path / "tx.parquet", as_of=AS_OF, horizon_days=10, validate=False)
+    assert labels["churned_10d"].tolist() == [True, False]

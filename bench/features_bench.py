@@ -1,0 +1,196 @@
+"""Feature-building benchmark: Rapport (DuckDB) beside a bare scan and idiomatic pandas.
+
+Usage::
+
+    uv run python bench/features_bench.py                      # 1M and 10M transactions
+    uv run python bench/features_bench.py --sizes 1000000      # quicker
+
+For each size a seeded synthetic world (about as many interactions as transactions) is written
+to Parquet once, then every measurement runs in a fresh subprocess so that its peak memory
+(``ru_maxrss``) is its own:
+
+- ``scan``: DuckDB reads the same columns of both Parquet files (a bare aggregate);
+- ``rapport``: ``build_features`` on the Parquet paths, one cutoff (DuckDB scans them directly);
+- ``rapport_12``: the same with 12 monthly cutoffs (a training set);
+- ``rapport_frames``: load + validate both tables into pandas, then ``build_features``;
+- ``pandas``: ``pd.read_parquet`` + ``bench/pandas_reference.py`` (same features, one cutoff).
+
+Ratios are what to read (this machine is shared and noisy): results go to
+``bench/results/features.json`` and ``bench/results/features.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+AS_OF = "2025-06-30"
+CUTOFFS_12 = [
+    "2024-07-31",
+    "2024-08-31",
+    "2024-09-30",
+    "2024-10-31",
+    "2024-11-30",
+    "2024-12-31",
+    "2025-01-31",
+    "2025-02-28",
+    "2025-03-31",
+    "2025-04-30",
+    "2025-05-31",
+    "2025-06-30",
+]
+
+
+def _world(n_transactions: int, seed: int) -> Path:
+    from rapport.features.synthetic import (
+        SyntheticConfig,
+        customers_for_transactions,
+        write_synthetic,
+    )
+
+    out = RESULTS / f"data_{n_transactions}_{seed}"
+    if not (out / "transactions.parquet").exists():
+        config = SyntheticConfig(n_customers=customers_for_transactions(n_transactions), seed=seed)
+        write_synthetic(config, out, progress=True)
+    return out
+
+
+def _worker(kind: str, data: Path) -> dict[str, float]:
+    """Run one measurement in this process; return wall seconds, peak RSS and row count."""
+    tx_path, ix_path = data / "transactions.parquet", data / "interactions.parquet"
+    start = time.perf_counter()
+    rows = 0
+    if kind == "scan":
+        import duckdb
+
+        con = duckdb.connect()
+        con.execute("SET TimeZone = 'UTC'")
+        con.execute(
+            f"SELECT MIN(customer_id), MAX(timestamp), SUM(amount) FROM read_parquet('{tx_path}')"
+        ).fetchall()
+        con.execute(
+            "SELECT MIN(customer_id), MAX(timestamp), COUNT(DISTINCT channel), "
+            f"COUNT(DISTINCT event) FROM read_parquet('{ix_path}')"
+        ).fetchall()
+    elif kind in ("rapport", "rapport_12"):
+        from rapport.features.build import build_features
+
+        cutoffs = AS_OF if kind == "rapport" else CUTOFFS_12
+        rows = len(build_features(tx_path, ix_path, as_of=cutoffs, validate=False))
+    elif kind == "rapport_frames":
+        from rapport.features.build import build_features
+        from rapport.features.contracts import load_interactions, load_transactions
+
+        tx, ix = load_transactions(tx_path), load_interactions(ix_path)
+        rows = len(build_features(tx, ix, as_of=AS_OF, validate=False))
+    elif kind == "pandas":
+        import pandas as pd
+
+        sys.path.insert(0, str(HERE))
+        from pandas_reference import pandas_features
+
+        tx, ix = pd.read_parquet(tx_path), pd.read_parquet(ix_path)
+        rows = len(pandas_features(tx, ix, as_of=AS_OF))
+    else:
+        raise ValueError(kind)
+    seconds = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    return {"seconds": seconds, "peak_gb": peak_gb, "rows": rows}
+
+
+def _measure(kind: str, data: Path, repeats: int) -> dict[str, float]:
+    best: dict[str, float] | None = None
+    for _ in range(repeats):
+        out = subprocess.run(
+            [sys.executable, __file__, "--worker", kind, "--data", str(data)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        if best is None or result["seconds"] < best["seconds"]:
+            best = result
+    assert best is not None
+    return best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1000000,10000000", help="transaction counts")
+    parser.add_argument("--seed", type=int, default=1, help="synthetic data seed")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per measurement (best)")
+    parser.add_argument(
+        "--pandas-max", type=int, default=10_000_000, help="skip pandas above this size"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(_worker(args.worker, Path(args.data))))
+        return
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {
+        "machine": f"{platform.machine()}, {platform.python_version()}",
+        "as_of": AS_OF,
+        "sizes": {},
+    }
+    lines = [
+        "| transactions | interactions | customers | scan s | rapport s (x scan) | "
+        "peak GB | 12 cutoffs s (x 1) | load+validate+features s | pandas s (x rapport) "
+        "| pandas peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    import pyarrow.parquet as pq
+
+    for size in [int(s) for s in args.sizes.split(",")]:
+        data = _world(size, args.seed)
+        n_tx = pq.ParquetFile(data / "transactions.parquet").metadata.num_rows
+        n_ix = pq.ParquetFile(data / "interactions.parquet").metadata.num_rows
+        kinds = ["scan", "rapport", "rapport_12", "rapport_frames"]
+        if size <= args.pandas_max:
+            kinds.append("pandas")
+        res = {}
+        for kind in kinds:
+            res[kind] = _measure(kind, data, args.repeats if kind != "pandas" else 1)
+            print(f"{size:>11,} {kind:<15} {res[kind]}", flush=True)
+        scan, rap, rap12 = res["scan"], res["rapport"], res["rapport_12"]
+        pandas = res.get("pandas")
+        res["ratios"] = {
+            "rapport_over_scan": rap["seconds"] / scan["seconds"],
+            "cutoffs12_over_1": rap12["seconds"] / rap["seconds"],
+            "pandas_over_rapport": pandas["seconds"] / rap["seconds"] if pandas else None,
+        }
+        report["sizes"][str(size)] = {"transactions": n_tx, "interactions": n_ix, **res}  # type: ignore[index]
+        r = res["ratios"]
+        pandas_cell = (
+            f"{pandas['seconds']:.1f} ({r['pandas_over_rapport']:.1f}x)" if pandas else "skipped"
+        )
+        lines.append(
+            f"| {n_tx:,} | {n_ix:,} | {rap['rows']:,.0f} | {scan['seconds']:.2f} | "
+            f"{rap['seconds']:.2f} ({r['rapport_over_scan']:.1f}x) | {rap['peak_gb']:.2f} | "
+            f"{rap12['seconds']:.1f} ({r['cutoffs12_over_1']:.1f}x) | "
+            f"{res['rapport_frames']['seconds']:.1f} | {pandas_cell} | "
+            f"{pandas['peak_gb']:.2f} |"
+            if pandas
+            else f"| {n_tx:,} | {n_ix:,} | {rap['rows']:,.0f} | {scan['seconds']:.2f} | "
+            f"{rap['seconds']:.2f} ({r['rapport_over_scan']:.1f}x) | {rap['peak_gb']:.2f} | "
+            f"{rap12['seconds']:.1f} ({r['cutoffs12_over_1']:.1f}x) | "
+            f"{res['rapport_frames']['seconds']:.1f} | {pandas_cell} | - |"
+        )
+    (RESULTS / "features.json").write_text(json.dumps(report, indent=2))
+    table = "\n".join(lines)
+    (RESULTS / "features.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
