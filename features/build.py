@@ -197,6 +197,7 @@ def build_features(
     windows: Sequence[int] = defs.DEFAULT_WINDOWS,
     interaction_pairs: Sequence[tuple[str, str]] | None = None,
     validate: bool = True,
+    cutoff_batch: int = 4,
     connection: duckdb.DuckDBPyConnection | None = None,
 ) -> pd.DataFrame:
     """Point-in-time RFM and interaction features per customer and cutoff.
@@ -223,6 +224,8 @@ def build_features(
         Validate raw inputs (skipped for frames that came out of the loaders). With
         ``validate=False`` a Parquet path already in the contract is scanned by DuckDB
         directly, never materialised in pandas: the fast path for large trusted data.
+    cutoff_batch
+        How many cutoffs one query computes; more is faster, fewer bounds memory.
     connection
         A DuckDB connection to use (from :func:`connect`); a private one by default.
 
@@ -250,7 +253,12 @@ def build_features(
         if not pairs:
             ix = None
     spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
-    out = _run(defs.features_sql(spec), cutoffs=cutoffs, tx=tx, ix=ix, connection=connection)
+    sql = defs.features_sql(spec)
+    # Cutoffs go in small batches: each batch shares one scan of the events, while DuckDB's
+    # hash tables (one group per customer and cutoff) stay a few cutoffs deep.
+    batches = [cutoffs[i : i + cutoff_batch] for i in range(0, len(cutoffs), cutoff_batch)]
+    parts = [_run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection) for b in batches]
+    out = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
     if "preferred_channel" in out.columns:
         out["preferred_channel"] = out["preferred_channel"].astype("string")

@@ -230,9 +230,9 @@ def _transaction_sql(spec: FeatureSpec) -> str:
         before = f"d.day > c.as_of - {2 * w} AND d.day <= c.as_of - {w}"
         window_aggs += [
             f"CAST(COALESCE(SUM(d.n_orders) FILTER (WHERE {now}), 0) AS BIGINT) AS purchases_{w}d",
-            f"COALESCE(SUM(d.spend) FILTER (WHERE {now}), 0.0) AS spend_{w}d",
+            f"ROUND(COALESCE(SUM(d.spend) FILTER (WHERE {now}), 0.0), 6) AS spend_{w}d",
             f"COALESCE(SUM(d.n_orders) FILTER (WHERE {before}), 0) AS _purchases_before_{w}d",
-            f"COALESCE(SUM(d.spend) FILTER (WHERE {before}), 0.0) AS _spend_before_{w}d",
+            f"ROUND(COALESCE(SUM(d.spend) FILTER (WHERE {before}), 0.0), 6) AS _spend_before_{w}d",
         ]
     windows = ",\n            ".join(window_aggs)
     return f"""
@@ -244,9 +244,12 @@ def _transaction_sql(spec: FeatureSpec) -> str:
             MAX(d.day) FILTER (WHERE d.n_orders > 0) AS last_day,
             COUNT(*) FILTER (WHERE d.n_orders > 0) AS n_purchase_days,
             CAST(SUM(d.n_orders) AS BIGINT) AS n_purchases,
-            SUM(d.spend) AS total_spend,
-            SUM(d.spend) FILTER (WHERE d.n_orders > 0 AND d.gap IS NOT NULL) AS repeat_spend,
-            SUM(d.order_spend) AS order_spend,
+            -- Sums are rounded to 1e-6: DuckDB adds floats in parallel, in no fixed order, and
+            -- the last bits must not flip a trend's sign or a tie in the spend score.
+            ROUND(SUM(d.spend), 6) AS total_spend,
+            ROUND(SUM(d.spend) FILTER (WHERE d.n_orders > 0 AND d.gap IS NOT NULL), 6)
+                AS repeat_spend,
+            ROUND(SUM(d.order_spend), 6) AS order_spend,
             SUM(d.order_spend_sq) AS order_spend_sq,
             SUM(d.gap) AS gap_sum,
             SUM(d.gap * d.gap) AS gap_sq,
@@ -390,16 +393,19 @@ def _interaction_outputs(spec: FeatureSpec) -> list[str]:
     for col in interaction_feature_columns(spec):
         if col.startswith("days_since_") or col == "preferred_channel" or "_rate_" in col:
             continue
-        outs.append(f"COALESCE(x.{col}, 0) AS {col}")
-    outs += [f"x.days_since_{_ident(ch)}" for ch in spec.channels]
-    outs += ["x.days_since_response", "x.days_since_complaint"]
+        outs.append(f"CAST(COALESCE(x.{col}, 0) AS BIGINT) AS {col}")
+    since = [f"days_since_{_ident(ch)}" for ch in spec.channels]
+    # DOUBLE so that "never" is NaN, as in every other missing feature
+    outs += [f"CAST(x.{c} AS DOUBLE) AS {c}" for c in [*since, "days_since_response"]]
+    outs += ["CAST(x.days_since_complaint AS DOUBLE) AS days_since_complaint"]
     if ("email", "sent") in pairs:
         sends = f"x.email_sends_{spec.longest}d"
         for event in ("open", "click"):
             if ("email", event) in pairs:
                 outs.append(
-                    f"CASE WHEN {sends} > 0 THEN CAST(x.email_{_plural(event)}_{spec.longest}d "
-                    f"AS DOUBLE) / {sends} END AS email_{event}_rate_{spec.longest}d"
+                    f"CASE WHEN {sends} > 0 THEN CAST(COALESCE("
+                    f"x.email_{_plural(event)}_{spec.longest}d, 0) AS DOUBLE) / {sends} END"
+                    f" AS email_{event}_rate_{spec.longest}d"
                 )
     responses = [f"COALESCE(x._responses_{_ident(ch)}, 0)" for ch in spec.channels]
     best = f"GREATEST({', '.join(responses)})" if len(responses) > 1 else responses[0]
@@ -485,7 +491,7 @@ def labels_sql(horizon_days: int) -> str:
             c.as_of,
             CAST(COALESCE(SUM(d.n_orders) FILTER (WHERE d.day > c.as_of), 0) AS BIGINT)
                 AS future_purchases,
-            COALESCE(SUM(d.spend) FILTER (WHERE d.day > c.as_of), 0.0) AS future_spend
+            ROUND(COALESCE(SUM(d.spend) FILTER (WHERE d.day > c.as_of), 0.0), 6) AS future_spend
         FROM tx_days AS d
         JOIN cutoffs AS c ON d.day <= c.as_of + {h}
         GROUP BY d.customer_id, c.as_of
