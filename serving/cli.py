@@ -12,7 +12,7 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from rapport.features.build import build_features, build_labels
+from rapport.features.build import build_features, build_labels, connect
 from rapport.features.cli import (
     console,
     data_app,
@@ -60,10 +60,14 @@ def demo(
     # The latest cutoff whose label horizon is fully observed, and the 11 month-ends before it.
     latest = _month_end_before(last_day - dt.timedelta(days=horizon_days))
     cutoffs = [_month_end_before(latest, k) for k in range(10, -1, -1)] + [latest]
+    con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
     with step(f"Building features at {len(set(cutoffs))} monthly cutoffs"):
-        feats = build_features(tx, ix, as_of=cutoffs, validate=False)
+        feats = build_features(tx, ix, as_of=cutoffs, validate=False, connection=con)
     with step(f"Building {horizon_days}-day labels"):
-        labels = build_labels(tx, as_of=cutoffs, horizon_days=horizon_days, validate=False)
+        labels = build_labels(
+            tx, as_of=cutoffs, horizon_days=horizon_days, validate=False, connection=con
+        )
+    con.close()
     with step("Writing features and labels"):
         write_parquet_atomic(feats, out_dir / "features.parquet")
         write_parquet_atomic(labels, out_dir / "labels.parquet")
