@@ -14,7 +14,6 @@ Inputs are canonical frames (``rapport.features.contracts.validate_table``): ``t
 from __future__ import annotations
 
 import datetime as dt
-import re
 
 import numpy as np
 import pandas as pd
@@ -23,23 +22,13 @@ from rapport.features.definitions import (
     COMPLAINT_EVENT,
     OUTBOUND_EVENTS,
     FeatureSpec,
+    column_fragment,
+    event_plural,
     feature_columns,
 )
 from rapport.features.segments import SEGMENT_RULES, SEGMENTS
 
 _PLURALS = {"sent": "sends", "delivered": "deliveries"}
-
-
-def _ident(name: str) -> str:
-    """Column-name fragment for a channel or event, as the SQL definitions spell it."""
-    return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
-
-
-def _plural(event: str) -> str:
-    event = _ident(event)
-    if event in _PLURALS:
-        return _PLURALS[event]
-    return event + ("es" if event.endswith(("s", "x", "sh", "ch")) else "s")
 
 
 def _trend(now: pd.Series, before: pd.Series) -> pd.Series:
@@ -146,7 +135,8 @@ def _interaction_features(
         .unstack(["channel", "event"], fill_value=0)
     )
     counts.columns = [
-        f"{_ident(str(c))}_{_plural(str(e))}_{n.removeprefix('n_')}d" for n, c, e in counts.columns
+        f"{column_fragment(str(c))}_{event_plural(str(e))}_{n.removeprefix('n_')}d"
+        for n, c, e in counts.columns
     ]
 
     # Days since the last event of each channel.
@@ -155,7 +145,7 @@ def _interaction_features(
     )
     days_since_channel = _days_since(last_by_channel, cutoff)
     days_since_channel.columns = [
-        f"days_since_{_ident(str(c))}" for c in days_since_channel.columns
+        f"days_since_{column_fragment(str(c))}" for c in days_since_channel.columns
     ]
 
     # Responses and complaints: masked counts and last days in one named aggregation.
@@ -193,11 +183,11 @@ def _interaction_features(
     # Pairs or channels with no event by the cutoff still get their (all zero / NaN) column.
     for c, e in pairs:
         for w in windows:
-            col = f"{_ident(c)}_{_plural(e)}_{w}d"
+            col = f"{column_fragment(c)}_{event_plural(e)}_{w}d"
             if col not in out.columns:
                 out[col] = 0
     for c in sorted({c for c, _ in pairs}):
-        col = f"days_since_{_ident(c)}"
+        col = f"days_since_{column_fragment(c)}"
         if col not in out.columns:
             out[col] = np.nan
 
@@ -206,7 +196,7 @@ def _interaction_features(
         for event in ("open", "click"):
             if ("email", event) in pairs:
                 out[f"email_{event}_rate_{longest}d"] = out[
-                    f"email_{_plural(event)}_{longest}d"
+                    f"email_{event_plural(event)}_{longest}d"
                 ] / sends.where(sends > 0)
     return out
 
@@ -266,7 +256,7 @@ def pandas_features(
         inter = _interaction_features(ix, cutoff, windows, pairs)
         feats = feats.merge(inter, left_index=True, right_index=True, how="left")
         # Customers without any interaction by the cutoff: counts 0, days_since/rates NaN.
-        counts = [f"{_ident(c)}_{_plural(e)}_{w}d" for c, e in pairs for w in windows]
+        counts = [f"{column_fragment(c)}_{event_plural(e)}_{w}d" for c, e in pairs for w in windows]
         counts += [f"{kind}_{w}d" for kind in ("responses", "complaints") for w in windows]
         feats[counts] = feats[counts].fillna(0).astype("int64")
         feats["preferred_channel"] = feats["preferred_channel"].astype("string")

@@ -69,7 +69,7 @@ DEFAULT_WINDOWS: tuple[int, ...] = (30, 90, 365)
 _PLURALS = {"sent": "sends", "delivered": "deliveries"}
 
 
-def _ident(name: str) -> str:
+def column_fragment(name: str) -> str:
     """A safe lower-case SQL identifier fragment for a channel or event name."""
     cleaned = re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
     if not cleaned:
@@ -77,8 +77,9 @@ def _ident(name: str) -> str:
     return cleaned
 
 
-def _plural(event: str) -> str:
-    event = _ident(event)
+def event_plural(event: str) -> str:
+    """Plural of an event name for column names (``sent`` reads ``sends``)."""
+    event = column_fragment(event)
     if event in _PLURALS:
         return _PLURALS[event]
     return event + ("es" if event.endswith(("s", "x", "sh", "ch")) else "s")
@@ -157,9 +158,11 @@ def interaction_feature_columns(spec: FeatureSpec) -> list[str]:
     if not spec.interaction_pairs:
         return []
     cols = [
-        f"{_ident(c)}_{_plural(e)}_{w}d" for c, e in spec.interaction_pairs for w in spec.windows
+        f"{column_fragment(c)}_{event_plural(e)}_{w}d"
+        for c, e in spec.interaction_pairs
+        for w in spec.windows
     ]
-    cols += [f"days_since_{_ident(c)}" for c in spec.channels]
+    cols += [f"days_since_{column_fragment(c)}" for c in spec.channels]
     cols += [f"responses_{w}d" for w in spec.windows] + ["days_since_response"]
     cols += [f"complaints_{w}d" for w in spec.windows] + ["days_since_complaint"]
     pairs = set(spec.interaction_pairs)
@@ -322,17 +325,17 @@ def _interaction_sql(spec: FeatureSpec) -> str:
         for w in spec.windows:
             aggs.append(
                 f"SUM(p.n_{w}d) FILTER (WHERE p.pair_id = {pair_id[(c, e)]})"
-                f" AS {_ident(c)}_{_plural(e)}_{w}d"
+                f" AS {column_fragment(c)}_{event_plural(e)}_{w}d"
             )
     for ch in spec.channels:
         on_channel = f"p.channel_id = {channel_id[ch]}"
         aggs.append(
             f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {on_channel}), p.as_of)"
-            f" AS days_since_{_ident(ch)}"
+            f" AS days_since_{column_fragment(ch)}"
         )
         aggs.append(
             f"SUM(p.n_{spec.longest}d) FILTER (WHERE {on_channel} AND {is_response})"
-            f" AS _responses_{_ident(ch)}"
+            f" AS _responses_{column_fragment(ch)}"
         )
     for w in spec.windows:
         aggs.append(f"SUM(p.n_{w}d) FILTER (WHERE {is_response}) AS responses_{w}d")
@@ -394,7 +397,7 @@ def _interaction_outputs(spec: FeatureSpec) -> list[str]:
         if col.startswith("days_since_") or col == "preferred_channel" or "_rate_" in col:
             continue
         outs.append(f"CAST(COALESCE(x.{col}, 0) AS BIGINT) AS {col}")
-    since = [f"days_since_{_ident(ch)}" for ch in spec.channels]
+    since = [f"days_since_{column_fragment(ch)}" for ch in spec.channels]
     # DOUBLE so that "never" is NaN, as in every other missing feature
     outs += [f"CAST(x.{c} AS DOUBLE) AS {c}" for c in [*since, "days_since_response"]]
     outs += ["CAST(x.days_since_complaint AS DOUBLE) AS days_since_complaint"]
@@ -404,10 +407,10 @@ def _interaction_outputs(spec: FeatureSpec) -> list[str]:
             if ("email", event) in pairs:
                 outs.append(
                     f"CASE WHEN {sends} > 0 THEN CAST(COALESCE("
-                    f"x.email_{_plural(event)}_{spec.longest}d, 0) AS DOUBLE) / {sends} END"
+                    f"x.email_{event_plural(event)}_{spec.longest}d, 0) AS DOUBLE) / {sends} END"
                     f" AS email_{event}_rate_{spec.longest}d"
                 )
-    responses = [f"COALESCE(x._responses_{_ident(ch)}, 0)" for ch in spec.channels]
+    responses = [f"COALESCE(x._responses_{column_fragment(ch)}, 0)" for ch in spec.channels]
     best = f"GREATEST({', '.join(responses)})" if len(responses) > 1 else responses[0]
     whens = " ".join(
         f"WHEN {r} = {best} THEN {_quote(ch)}"
