@@ -23,6 +23,7 @@ from rapport.features.cli import (
 )
 from rapport.features.contracts import load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
+from rapport.training.cli import register as register_training_commands
 
 app = typer.Typer(
     name="rapport",
@@ -32,6 +33,7 @@ app = typer.Typer(
 )
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
+register_training_commands(app)
 
 
 def _month_end_before(day: dt.date, months_back: int = 0) -> dt.date:

@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rapport.training.config import ConfigError, load_config
+
+
+def test_shipped_configs_load_with_their_labels() -> None:
+    churn, clv = load_config("churn"), load_config("clv")
+    assert churn.label == "churned_90d"
+    assert clv.label == "future_spend_365d"
+    assert churn.gate.metric == "roc_auc" and churn.gate.higher_is_better
+    assert clv.registered_name == "rapport-clv"
+
+
+def test_overrides_apply_dotted_paths_and_skip_none() -> None:
+    config = load_config(
+        "churn",
+        {"horizon_days": 60, "cutoffs.count": 4, "lightgbm.params.num_leaves": 7, "seed": None},
+    )
+    assert config.label == "churned_60d"
+    assert config.cutoffs.count == 4
+    assert config.lightgbm.params["num_leaves"] == 7
+    assert config.seed == 42
+
+
+def test_config_is_frozen() -> None:
+    config = load_config("churn")
+    with pytest.raises(ValueError):
+        config.horizon_days = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needle"),
+    [
+        ("task: churn\nregistered_name: x\nhorizon_days: 90\n", "gate"),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: -1\ngate: {metric: roc_auc}\n",
+            "horizon_days",
+        ),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: accuracy}\n",
+            "gate.metric",
+        ),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: roc_auc}\nbogus: 1\n",
+            "bogus",
+        ),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: roc_auc}\n"
+            "cutoffs: {dates: [2024-01-31, 2024-02-29]}\n",
+            "cutoffs.dates",
+        ),
+        ("task: [unclosed\n", "not valid YAML"),
+    ],
+)
+def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, needle: str) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")

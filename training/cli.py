@@ -1,0 +1,234 @@
+"""Training commands: ``rapport train``, ``evaluate``, ``models`` and ``promote``.
+
+Thin wrappers over :mod:`rapport.training.pipeline` and :mod:`rapport.training.tracking`;
+settings (``RAPPORT_HOME``, ``MLFLOW_TRACKING_URI``) are read when a command starts.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+import pandas as pd
+import typer
+from mlflow.exceptions import MlflowException
+from rich.table import Table
+
+from rapport.features.cli import console, run_or_exit, step
+from rapport.training import tracking
+from rapport.training.config import ModelConfig, Task, load_config
+from rapport.training.pipeline import TrainingResult, evaluate_registered, train
+from rapport.training.settings import TrainingSettings
+
+
+class TaskChoice(StrEnum):
+    """Which model(s) to train."""
+
+    churn = "churn"
+    clv = "clv"
+    all = "all"
+
+
+TransactionsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Transactions CSV/Parquet (default: the demo data in $RAPPORT_HOME/demo)."),
+]
+InteractionsOpt = Annotated[
+    Path | None,
+    typer.Option(help="Interactions CSV/Parquet (default: the demo data, if present)."),
+]
+
+
+def _data(
+    transactions: Path | None, interactions: Path | None, settings: TrainingSettings
+) -> tuple[Path, Path | None]:
+    if transactions is not None:
+        return transactions, interactions
+    demo_tx = settings.demo_dir / "transactions.parquet"
+    if not demo_tx.exists():
+        console.print(
+            "[red]error:[/] no --transactions given and no demo data in "
+            f"{settings.demo_dir}: run `rapport demo` or pass --transactions"
+        )
+        raise typer.Exit(code=2)
+    demo_ix = settings.demo_dir / "interactions.parquet"
+    return demo_tx, interactions or (demo_ix if demo_ix.exists() else None)
+
+
+def _task(name: str) -> Task:
+    if name == "churn":
+        return "churn"
+    if name == "clv":
+        return "clv"
+    raise typer.BadParameter(f"task must be churn or clv, not {name!r}")
+
+
+def _config_for(task: Task, config: Path | None, overrides: dict[str, Any]) -> ModelConfig:
+    if config is None:
+        return load_config(task, overrides)
+    if config.is_dir():
+        return load_config(config / f"{task}.yaml", overrides)
+    return load_config(config, overrides)
+
+
+def print_metrics(table: pd.DataFrame, title: str) -> None:
+    """Print a models x metrics table."""
+    out = Table(title=title)
+    out.add_column("model")
+    columns = [c for c in table.columns if c != "n"]
+    for col in columns:
+        out.add_column(col, justify="right")
+    for name, row in table.iterrows():
+        out.add_row(
+            str(name),
+            *("" if not math.isfinite(float(row[c])) else f"{float(row[c]):.4f}" for c in columns),
+        )
+    console.print(out)
+
+
+def train_command(
+    task: Annotated[TaskChoice, typer.Argument(help="churn, clv or all.")],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="Model YAML (or, with `all`, a folder holding churn.yaml and clv.yaml); "
+            "default: the shipped configs."
+        ),
+    ] = None,
+    transactions: TransactionsOpt = None,
+    interactions: InteractionsOpt = None,
+    horizon_days: Annotated[
+        int | None, typer.Option(help="Override the label horizon in days.")
+    ] = None,
+    last_cutoff: Annotated[
+        str | None, typer.Option(help="Override the test cutoff date (YYYY-MM-DD).")
+    ] = None,
+    cutoffs: Annotated[int | None, typer.Option(help="Override the number of cutoffs.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Override the random seed.")] = None,
+) -> None:
+    """Train, evaluate out of time, track in MLflow, register, and gate the champion."""
+    settings = TrainingSettings()
+    tx, ix = _data(transactions, interactions, settings)
+    overrides = {
+        "horizon_days": horizon_days,
+        "cutoffs.last": last_cutoff,
+        "cutoffs.count": cutoffs,
+        "seed": seed,
+    }
+    tasks: list[Task] = ["churn", "clv"] if task is TaskChoice.all else [_task(task.value)]
+    configs = [run_or_exit(partial(_config_for, t, config, overrides)) for t in tasks]
+    console.print(f"MLflow store: {settings.tracking_uri}")
+    for cfg in configs:
+        result: TrainingResult = run_or_exit(
+            partial(train, cfg, tx, ix, source=str(tx), settings=settings, step=step)
+        )
+        split = result.split
+        print_metrics(
+            result.metrics,
+            f"{cfg.task}: test cutoff {split.test} (validation {split.valid}, "
+            f"{len(split.train)} training cutoffs)",
+        )
+        verdict = "[green]champion[/]" if result.promoted else "[yellow]challenger only[/]"
+        console.print(
+            f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason}); "
+            f"run {result.run_id}"
+        )
+
+
+def evaluate_command(
+    task: Annotated[str, typer.Argument(help="churn or clv.")],
+    as_of: Annotated[
+        str, typer.Option(help="Cutoff to evaluate at (its horizon must be in the data).")
+    ],
+    alias: Annotated[str, typer.Option(help="Registered model alias to evaluate.")] = "champion",
+    version: Annotated[
+        str | None, typer.Option(help="A model version instead of the alias.")
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="Model YAML (label and horizon); default: shipped.")
+    ] = None,
+    transactions: TransactionsOpt = None,
+    interactions: InteractionsOpt = None,
+) -> None:
+    """Score a registered model on one cutoff beside the BTYD baseline."""
+    settings = TrainingSettings()
+    tx, ix = _data(transactions, interactions, settings)
+    cfg = run_or_exit(partial(_config_for, _task(task), config, {}))
+    ref = f"/{version}" if version else f"@{alias}"
+    uri = f"models:/{cfg.registered_name}{ref}"
+    try:
+        table = run_or_exit(
+            lambda: evaluate_registered(cfg, uri, tx, ix, as_of=as_of, settings=settings)
+        )
+    except MlflowException as err:
+        console.print(f"[red]error:[/] {uri}: {err.message}")
+        raise typer.Exit(code=2) from err
+    print_metrics(table, f"{uri} at {as_of}")
+
+
+def models_command(
+    name: Annotated[
+        str | None, typer.Option(help="Only this registered model (default: all).")
+    ] = None,
+) -> None:
+    """List registered model versions, aliases and test metrics."""
+    tracking.configure(TrainingSettings())
+    frame = tracking.list_versions([name] if name else None)
+    if frame.empty:
+        console.print("no registered models yet: run `rapport train all`")
+        return
+    keep = [
+        c
+        for c in (
+            "model",
+            "version",
+            "aliases",
+            "created",
+            "test_cutoff",
+            "roc_auc",
+            "pr_auc",
+            "brier",
+            "gini",
+            "decile_mape",
+            "total_ratio",
+        )
+        if c in frame.columns
+    ]
+    out = Table(title="Registered models")
+    for col in keep:
+        out.add_column(col)
+    for _, row in frame[keep].iterrows():
+        out.add_row(
+            *(
+                f"{v:.4f}"
+                if isinstance(v, float) and math.isfinite(v)
+                else ("" if v != v else str(v))
+                for v in row
+            )
+        )
+    console.print(out)
+
+
+def promote_command(
+    name: Annotated[str, typer.Argument(help="Registered model name, e.g. rapport-churn.")],
+    version: Annotated[str, typer.Argument(help="Version to make champion.")],
+) -> None:
+    """Point the champion alias at a version by hand (recorded on the version)."""
+    tracking.configure(TrainingSettings())
+    try:
+        tracking.promote(name, version)
+    except MlflowException as err:
+        console.print(f"[red]error:[/] {name} v{version}: {err.message}")
+        raise typer.Exit(code=2) from err
+    console.print(f"{name} v{version} is now the champion")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the training commands to the root ``rapport`` app."""
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    app.command("models")(models_command)
+    app.command("promote")(promote_command)

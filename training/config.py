@@ -1,0 +1,204 @@
+"""Training configuration: one YAML file per model, loaded into frozen pydantic models.
+
+The shipped defaults live in ``training/configs/{churn,clv}.yaml``; a user's own file has the
+same shape. A few fields can be overridden from the command line
+(:func:`load_config` takes ``overrides`` as dotted paths, e.g. ``{"horizon_days": 60}``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Task = Literal["churn", "clv"]
+
+#: Metrics the gate can look at, and whether higher is better.
+GATE_METRICS: dict[str, bool] = {
+    "roc_auc": True,
+    "pr_auc": True,
+    "brier": False,
+    "log_loss": False,
+    "ece": False,
+    "gini": True,
+    "spearman": True,
+    "decile_mape": False,
+    "mae": False,
+    "rmse": False,
+}
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class CutoffConfig(_Frozen):
+    """Which cutoffs the training set is built at.
+
+    Either ``dates`` lists them, or ``count`` month-ends ``every_months`` apart ending at
+    ``last`` (default: the latest month-end whose horizon is fully inside the data). The last
+    cutoff is the test set, the one before it whose horizon ends by the test cutoff is
+    validation, earlier ones train.
+    """
+
+    dates: tuple[dt.date, ...] | None = None
+    count: int = Field(default=12, ge=3, description="Cutoffs when `dates` is not given.")
+    every_months: int = Field(default=1, ge=1, description="Months between generated cutoffs.")
+    last: dt.date | None = None
+
+    @field_validator("dates")
+    @classmethod
+    def _sorted_unique(cls, value: tuple[dt.date, ...] | None) -> tuple[dt.date, ...] | None:
+        if value is None:
+            return None
+        if len(value) < 3:
+            raise ValueError("give at least 3 cutoffs (train, validation, test)")
+        return tuple(sorted(set(value)))
+
+
+class GateConfig(_Frozen):
+    """When a new model may take the ``champion`` alias.
+
+    It must reach ``min_value`` on ``metric`` on the test cutoff and beat the current champion,
+    scored on the same test rows, by at least ``min_improvement``.
+    """
+
+    metric: str
+    min_value: float | None = None
+    min_improvement: float = 0.0
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in GATE_METRICS:
+            raise ValueError(f"unknown gate metric {value!r}; choose from {sorted(GATE_METRICS)}")
+        return value
+
+    @property
+    def higher_is_better(self) -> bool:
+        """Whether a larger value of the metric is better."""
+        return GATE_METRICS[self.metric]
+
+
+class LightGBMConfig(_Frozen):
+    """LightGBM parameters (anything in ``params`` goes to the booster as is)."""
+
+    num_boost_round: int = Field(default=2000, ge=1)
+    early_stopping_rounds: int = Field(default=100, ge=1)
+    #: An improvement of the validation metric smaller than this does not count: AUC creeps up
+    #: by 1e-5 a round for thousands of rounds, which buys nothing and costs minutes.
+    early_stopping_min_delta: float = Field(default=1e-4, ge=0.0)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Frozen):
+    """Everything one training run needs, from one YAML file."""
+
+    task: Task
+    registered_name: str = Field(description="MLflow registered model name.")
+    experiment: str = "rapport"
+    horizon_days: int = Field(gt=0)
+    windows: tuple[int, ...] = (30, 90, 365)
+    cutoffs: CutoffConfig = Field(default_factory=CutoffConfig)
+    seed: int = 42
+    lightgbm: LightGBMConfig = Field(default_factory=LightGBMConfig)
+    #: churn: ``isotonic`` or ``sigmoid`` probability calibration on the validation cutoff.
+    calibration: Literal["isotonic", "sigmoid", "none"] = "isotonic"
+    #: churn: weigh classes to balance them while fitting (calibration then undoes the shift).
+    balance_classes: bool = True
+    #: clv: ``tweedie`` (one model) or ``two_part`` (P(purchase) x expected spend).
+    value_model: Literal["tweedie", "two_part"] = "tweedie"
+    #: Use BG/NBD (+ Gamma-Gamma) outputs as extra features.
+    btyd_features: bool = True
+    #: Monotone constraints by feature name (+1: the prediction never falls as the feature
+    #: grows; -1: never rises). Unknown names are an error at fit time.
+    monotone: dict[str, int] = Field(default_factory=dict)
+    #: Drop features by name (e.g. ones a data scientist found leaky or unstable).
+    exclude_features: tuple[str, ...] = ()
+    gate: GateConfig
+    #: Risk tiers for churn probability: upper bounds of ``low`` and ``medium``.
+    risk_tiers: tuple[float, float] = (0.3, 0.6)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelConfig:
+        if sorted(set(self.windows)) != list(self.windows) or any(w <= 0 for w in self.windows):
+            raise ValueError("windows must be positive, increasing and unique")
+        bad = {k: v for k, v in self.monotone.items() if v not in (-1, 0, 1)}
+        if bad:
+            raise ValueError(f"monotone constraints must be -1, 0 or 1: {bad}")
+        low, high = self.risk_tiers
+        if not 0 < low < high < 1:
+            raise ValueError("risk_tiers must satisfy 0 < low < high < 1")
+        return self
+
+    @property
+    def label(self) -> str:
+        """The label column this model learns."""
+        if self.task == "churn":
+            return f"churned_{self.horizon_days}d"
+        return f"future_spend_{self.horizon_days}d"
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used, with the field that is wrong."""
+
+
+def default_config_path(task: Task) -> Path:
+    """The shipped YAML file for ``task``."""
+    ref = resources.files("rapport.training").joinpath("configs", f"{task}.yaml")
+    return Path(str(ref))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def load_config(source: Task | str | Path, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """Load a model config from YAML.
+
+    Parameters
+    ----------
+    source
+        ``"churn"`` or ``"clv"`` for the shipped defaults, or a path to a YAML file.
+    overrides
+        Dotted field paths and values applied on top (``None`` values are skipped), e.g.
+        ``{"horizon_days": 60, "cutoffs.count": 6}``.
+
+    Returns
+    -------
+    ModelConfig
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and the field that is missing or wrong.
+    """
+    path = default_config_path(source) if source in ("churn", "clv") else Path(source)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError as err:
+        raise ConfigError(f"config file {path} does not exist") from err
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of fields")
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    try:
+        return ModelConfig.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(root)'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(f"config file {path}: {problems}") from err

@@ -1,0 +1,547 @@
+"""Churn and lifetime-value estimators, and the baselines they are compared with.
+
+Every estimator takes feature frames as :func:`rapport.features.build.build_features` returns
+them (extra columns are ignored, missing ones are an error naming the column) and carries its
+own preprocessing and feature order, so whoever loads it never has to know them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from sklearn.isotonic import IsotonicRegression
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from rapport.training.btyd import BetaGeoModel, GammaGammaModel
+from rapport.training.config import ModelConfig
+
+#: Columns that identify a row or hold a label: never features.
+KEY_COLUMNS = ("customer_id", "as_of")
+LABEL_PREFIXES = ("churned_", "future_spend_", "future_purchases_")
+#: Text columns the models read as categories.
+CATEGORICAL_FEATURES = ("segment", "preferred_channel")
+#: BG/NBD and Gamma-Gamma work in weeks, as the literature does.
+DAYS_PER_WEEK = 7.0
+#: Rows used to fit the BTYD feature models: plenty for four parameters, and bounded time.
+BTYD_FIT_ROWS = 200_000
+
+
+def is_label(column: str) -> bool:
+    """Whether ``column`` is a label column (never a feature)."""
+    return column.startswith(LABEL_PREFIXES)
+
+
+class FeatureSchemaError(ValueError):
+    """Feature rows that do not match what a model was trained on."""
+
+
+@dataclass
+class Preprocessor:
+    """Picks, orders and types the feature columns; learns categories from training rows."""
+
+    exclude: tuple[str, ...] = ()
+    feature_names_: list[str] = field(default_factory=list)
+    categories_: dict[str, list[str]] = field(default_factory=dict)
+
+    def fit(self, frame: pd.DataFrame) -> Preprocessor:
+        """Learn the feature list and the categories of the text columns."""
+        names = [
+            c
+            for c in frame.columns
+            if c not in KEY_COLUMNS and not is_label(c) and c not in self.exclude
+        ]
+        if not names:
+            raise FeatureSchemaError("no feature columns in the training frame")
+        self.feature_names_ = names
+        self.categories_ = {}
+        for col in names:
+            series = frame[col]
+            if col in CATEGORICAL_FEATURES or not pd.api.types.is_numeric_dtype(series):
+                values = series.dropna().astype(str).unique().tolist()
+                self.categories_[col] = sorted(values)
+        return self
+
+    def transform(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The features in training order: numbers as float64, text as fixed categories.
+
+        Raises
+        ------
+        FeatureSchemaError
+            Naming the missing columns, or a column whose values are not numbers.
+        """
+        missing = [c for c in self.feature_names_ if c not in frame.columns]
+        if missing:
+            raise FeatureSchemaError(f"missing feature columns: {', '.join(missing)}")
+        out: dict[str, Any] = {}
+        for col in self.feature_names_:
+            series = frame[col]
+            if col in self.categories_:
+                # Values unseen in training become missing, as LightGBM would treat them.
+                cats = self.categories_[col]
+                text = series.astype("string")
+                out[col] = pd.Categorical(text.where(text.isin(cats)), categories=cats)
+                continue
+            try:
+                out[col] = pd.to_numeric(series, errors="raise").to_numpy(
+                    dtype="float64", na_value=np.nan
+                )
+            except (ValueError, TypeError) as err:
+                raise FeatureSchemaError(f"feature column {col!r} must be numeric: {err}") from err
+        return pd.DataFrame(out, index=frame.index)
+
+
+def _btyd_inputs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    for col in ("frequency", "recency", "T", "monetary_value"):
+        if col not in frame.columns:
+            raise FeatureSchemaError(f"missing feature column {col!r} (BTYD summary)")
+    freq = frame["frequency"].to_numpy(dtype="float64")
+    rec = frame["recency"].to_numpy(dtype="float64") / DAYS_PER_WEEK
+    age = frame["T"].to_numpy(dtype="float64") / DAYS_PER_WEEK
+    money = frame["monetary_value"].to_numpy(dtype="float64")
+    return freq, rec, age, money
+
+
+@dataclass
+class BTYDFeatures:
+    """BG/NBD + Gamma-Gamma fitted on training rows; adds their predictions as columns.
+
+    Added columns, for the horizon ``H``: ``p_alive``, ``expected_purchases_{H}d``,
+    ``p_no_purchase_{H}d``, ``btyd_value_{H}d`` (expected purchases x expected spend per
+    purchase, currency, undiscounted) and ``expected_days_to_next_purchase``.
+    """
+
+    horizon_days: int
+    seed: int = 42
+    bgnbd_: BetaGeoModel | None = None
+    gamma_gamma_: GammaGammaModel | None = None
+    mean_spend_: float = 0.0
+
+    def fit(self, frame: pd.DataFrame) -> BTYDFeatures:
+        """Fit both models on (a seeded sample of) the rows' BTYD summary."""
+        if len(frame) > BTYD_FIT_ROWS:
+            frame = frame.sample(BTYD_FIT_ROWS, random_state=self.seed)
+        freq, rec, age, money = _btyd_inputs(frame)
+        self.bgnbd_ = BetaGeoModel().fit(freq, rec, age)
+        repeat = (freq > 0) & (money > 0)
+        self.mean_spend_ = float(money[repeat].mean()) if repeat.any() else 0.0
+        self.gamma_gamma_ = None
+        # Gamma-Gamma needs repeat buyers with positive spend; without enough of them the
+        # value falls back to the mean repeat spend rather than failing the whole run.
+        if repeat.sum() >= 20:
+            try:
+                self.gamma_gamma_ = GammaGammaModel().fit(freq[repeat], money[repeat])
+            except (ValueError, RuntimeError):
+                self.gamma_gamma_ = None
+        return self
+
+    @property
+    def columns(self) -> list[str]:
+        """Names of the added columns."""
+        h = self.horizon_days
+        return [
+            "p_alive",
+            f"expected_purchases_{h}d",
+            f"p_no_purchase_{h}d",
+            f"btyd_value_{h}d",
+            "expected_days_to_next_purchase",
+        ]
+
+    def spend_per_purchase(self, freq: np.ndarray, money: np.ndarray) -> np.ndarray:
+        """Gamma-Gamma's expected spend per purchase (the mean repeat spend as fallback)."""
+        if self.gamma_gamma_ is None:
+            return np.full(len(freq), self.mean_spend_)
+        valid = (freq > 0) & (money > 0)
+        safe_money = np.where(valid, money, 1.0)
+        spend = self.gamma_gamma_.conditional_expected_average_profit(
+            np.where(valid, freq, 1.0), safe_money
+        )
+        # Customers without a positive repeat spend get the population mean of the model.
+        population = self.gamma_gamma_.conditional_expected_average_profit(np.zeros(1), np.ones(1))[
+            0
+        ]
+        return np.where(valid, spend, population)
+
+    def transform(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The added columns for each row of ``frame`` (same index)."""
+        if self.bgnbd_ is None:
+            raise RuntimeError("BTYDFeatures is not fitted")
+        freq, rec, age, money = _btyd_inputs(frame)
+        t = self.horizon_days / DAYS_PER_WEEK
+        bg = self.bgnbd_
+        purchases = bg.conditional_expected_purchases(t, freq, rec, age)
+        values = {
+            "p_alive": bg.probability_alive(freq, rec, age),
+            f"expected_purchases_{self.horizon_days}d": purchases,
+            f"p_no_purchase_{self.horizon_days}d": bg.probability_no_purchase(t, freq, rec, age),
+            f"btyd_value_{self.horizon_days}d": purchases * self.spend_per_purchase(freq, money),
+            "expected_days_to_next_purchase": bg.expected_time_to_next_purchase(freq, rec, age)
+            * DAYS_PER_WEEK,
+        }
+        return pd.DataFrame(values, index=frame.index)
+
+
+def _lgb_params(
+    config: ModelConfig, objective: str, metric: str, feature_names: Sequence[str]
+) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "objective": objective,
+        "metric": metric,
+        "seed": config.seed,
+        "deterministic": True,
+        "force_col_wise": True,
+        "verbosity": -1,
+        # One thread unless the config says otherwise: OpenMP threads spin at barriers, and on
+        # a shared 2-core machine two threads trained 4x slower than one.
+        "num_threads": 1,
+    }
+    params.update(config.lightgbm.params)
+    if objective != "tweedie":
+        params.pop("tweedie_variance_power", None)
+    if config.monotone:
+        unknown = sorted(set(config.monotone) - set(feature_names))
+        if unknown:
+            raise FeatureSchemaError(f"monotone constraint on unknown features: {unknown}")
+        params["monotone_constraints"] = [config.monotone.get(n, 0) for n in feature_names]
+        params.setdefault("monotone_constraints_method", "advanced")
+    return params
+
+
+def _train_booster(
+    config: ModelConfig,
+    params: dict[str, Any],
+    x_train: pd.DataFrame,
+    y_train: np.ndarray,
+    x_valid: pd.DataFrame,
+    y_valid: np.ndarray,
+    weight: np.ndarray | None = None,
+) -> lgb.Booster:
+    train_set = lgb.Dataset(x_train, y_train, weight=weight, free_raw_data=True)
+    valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set)
+    return lgb.train(
+        params,
+        train_set,
+        num_boost_round=config.lightgbm.num_boost_round,
+        valid_sets=[valid_set],
+        valid_names=["valid"],
+        callbacks=[
+            lgb.early_stopping(
+                config.lightgbm.early_stopping_rounds,
+                verbose=False,
+                min_delta=config.lightgbm.early_stopping_min_delta,
+            ),
+        ],
+    )
+
+
+class _Calibrator:
+    """Maps raw churn scores to calibrated probabilities (isotonic, Platt or identity)."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.model_: IsotonicRegression | LogisticRegression | None = None
+
+    def fit(self, raw: np.ndarray, y: np.ndarray) -> _Calibrator:
+        if self.method == "isotonic":
+            self.model_ = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip").fit(raw, y)
+        elif self.method == "sigmoid":
+            self.model_ = LogisticRegression(C=1e6).fit(raw.reshape(-1, 1), y)
+        return self
+
+    def transform(self, raw: np.ndarray) -> np.ndarray:
+        if isinstance(self.model_, IsotonicRegression):
+            return np.asarray(self.model_.predict(raw), dtype="float64")
+        if isinstance(self.model_, LogisticRegression):
+            return np.asarray(self.model_.predict_proba(raw.reshape(-1, 1))[:, 1])
+        return 1.0 / (1.0 + np.exp(-raw))
+
+
+class _BaseModel:
+    """Shared preprocessing for the LightGBM models."""
+
+    config: ModelConfig
+    preprocessor_: Preprocessor
+    btyd_: BTYDFeatures | None
+    booster_: lgb.Booster
+
+    def _fit_inputs(self, train: pd.DataFrame) -> None:
+        self.btyd_ = (
+            BTYDFeatures(self.config.horizon_days, seed=self.config.seed).fit(train)
+            if self.config.btyd_features
+            else None
+        )
+        self.preprocessor_ = Preprocessor(exclude=self.config.exclude_features).fit(
+            self._with_btyd(train)
+        )
+
+    def _with_btyd(self, frame: pd.DataFrame) -> pd.DataFrame:
+        if self.btyd_ is None:
+            return frame
+        extra = self.btyd_.transform(frame)
+        return pd.concat([frame.drop(columns=extra.columns, errors="ignore"), extra], axis=1)
+
+    def matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The model's input matrix for feature rows (BTYD columns added, ordered, typed)."""
+        return self.preprocessor_.transform(self._with_btyd(frame))
+
+    @property
+    def feature_names_(self) -> list[str]:
+        """Model inputs, in order."""
+        return self.preprocessor_.feature_names_
+
+    def contributions(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Per-row feature contributions (SHAP values from LightGBM, in raw-score units)."""
+        matrix = self.matrix(frame)
+        contrib = self.booster_.predict(
+            matrix, pred_contrib=True, num_iteration=self.booster_.best_iteration or None
+        )
+        names = [*self.feature_names_, "_bias"]
+        return pd.DataFrame(np.asarray(contrib), columns=names, index=frame.index)
+
+    def feature_importance(self) -> pd.Series:
+        """Total gain per feature, largest first."""
+        gain = self.booster_.feature_importance(importance_type="gain")
+        return pd.Series(gain, index=self.feature_names_).sort_values(ascending=False)
+
+
+class ChurnModel(_BaseModel):
+    """LightGBM churn classifier, calibrated on the validation cutoff.
+
+    Parameters
+    ----------
+    config
+        The churn config: label ``churned_{H}d``, LightGBM parameters, calibration method,
+        class balancing and BTYD features.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        if config.task != "churn":
+            raise ValueError(f"ChurnModel needs a churn config, got task {config.task!r}")
+        self.config = config
+
+    def fit(self, train: pd.DataFrame, valid: pd.DataFrame) -> ChurnModel:
+        """Fit on ``train`` rows, early-stop and calibrate on ``valid`` rows."""
+        label = self.config.label
+        y_train = _binary_label(train, label)
+        y_valid = _binary_label(valid, label)
+        self._fit_inputs(train)
+        weight = None
+        if self.config.balance_classes:
+            rate = y_train.mean()
+            weight = np.where(y_train == 1, 0.5 / rate, 0.5 / (1 - rate))
+        self.booster_ = _train_booster(
+            self.config,
+            _lgb_params(self.config, "binary", "auc", self.feature_names_),
+            self.matrix(train),
+            y_train,
+            self.matrix(valid),
+            y_valid,
+            weight,
+        )
+        self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
+        self.calibrator_ = _Calibrator(self.config.calibration).fit(
+            self._raw(valid), y_valid.astype("float64")
+        )
+        return self
+
+    def _raw(self, frame: pd.DataFrame) -> np.ndarray:
+        return np.asarray(
+            self.booster_.predict(
+                self.matrix(frame), raw_score=True, num_iteration=self.best_iteration_
+            ),
+            dtype="float64",
+        )
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Calibrated probability of no purchase in the horizon, per row."""
+        return self.calibrator_.transform(self._raw(frame))
+
+    def risk_tier(self, probability: np.ndarray) -> np.ndarray:
+        """``low``, ``medium`` or ``high`` from the config's tier bounds."""
+        low, high = self.config.risk_tiers
+        return np.select([probability < low, probability < high], ["low", "medium"], "high")
+
+
+class ValueModel(_BaseModel):
+    """LightGBM model of net spend over the horizon, in currency.
+
+    ``tweedie`` fits one model with a Tweedie loss (a point mass at zero and a heavy tail);
+    ``two_part`` multiplies P(any purchase) by the expected spend of those who buy (ZILN's
+    decomposition with gradient boosting for both parts).
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        if config.task != "clv":
+            raise ValueError(f"ValueModel needs a clv config, got task {config.task!r}")
+        self.config = config
+
+    def fit(self, train: pd.DataFrame, valid: pd.DataFrame) -> ValueModel:
+        """Fit on ``train`` rows, early-stop on ``valid`` rows."""
+        label = self.config.label
+        y_train = _spend_label(train, label)
+        y_valid = _spend_label(valid, label)
+        self._fit_inputs(train)
+        x_train, x_valid = self.matrix(train), self.matrix(valid)
+        self.buyer_booster_: lgb.Booster | None = None
+        if self.config.value_model == "tweedie":
+            self.booster_ = _train_booster(
+                self.config,
+                _lgb_params(self.config, "tweedie", "tweedie", self.feature_names_),
+                x_train,
+                y_train,
+                x_valid,
+                y_valid,
+            )
+        else:
+            self.buyer_booster_ = _train_booster(
+                self.config,
+                _lgb_params(self.config, "binary", "binary_logloss", self.feature_names_),
+                x_train,
+                (y_train > 0).astype("int8"),
+                x_valid,
+                (y_valid > 0).astype("int8"),
+            )
+            buyers, valid_buyers = y_train > 0, y_valid > 0
+            if buyers.sum() < 10 or valid_buyers.sum() < 1:
+                raise ValueError(f"{label}: too few buyers to fit the spend part")
+            self.booster_ = _train_booster(
+                self.config,
+                _lgb_params(self.config, "gamma", "gamma", self.feature_names_),
+                x_train[buyers],
+                y_train[buyers],
+                x_valid[valid_buyers],
+                y_valid[valid_buyers],
+            )
+        self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
+        return self
+
+    def predict(self, frame: pd.DataFrame) -> np.ndarray:
+        """Expected net spend over the horizon, per row (currency, >= 0)."""
+        matrix = self.matrix(frame)
+        spend = np.asarray(
+            self.booster_.predict(matrix, num_iteration=self.best_iteration_), dtype="float64"
+        )
+        if self.buyer_booster_ is not None:
+            buyer = self.buyer_booster_
+            spend = spend * np.asarray(
+                buyer.predict(matrix, num_iteration=buyer.best_iteration or None)
+            )
+        return spend
+
+
+def _binary_label(frame: pd.DataFrame, label: str) -> np.ndarray:
+    if label not in frame.columns:
+        raise FeatureSchemaError(f"label column {label!r} is missing")
+    values = frame[label]
+    if values.isna().any():
+        row = int(np.flatnonzero(values.isna().to_numpy())[0])
+        raise FeatureSchemaError(f"label column {label!r} is null at row {row}")
+    y = values.astype("int8").to_numpy()
+    if len(np.unique(y)) < 2:
+        raise FeatureSchemaError(f"label column {label!r} has a single class: cannot learn")
+    return y
+
+
+def _spend_label(frame: pd.DataFrame, label: str) -> np.ndarray:
+    if label not in frame.columns:
+        raise FeatureSchemaError(f"label column {label!r} is missing")
+    y = frame[label].to_numpy(dtype="float64", na_value=np.nan)
+    if not np.isfinite(y).all():
+        row = int(np.flatnonzero(~np.isfinite(y))[0])
+        raise FeatureSchemaError(f"label column {label!r} is not finite at row {row}")
+    # Refunds can make a horizon's net spend negative; the value of a customer is not below 0.
+    return np.clip(y, 0.0, None)
+
+
+#: RFM inputs of the logistic-regression baseline (log1p-transformed).
+LOGISTIC_FEATURES = ("recency_days", "frequency", "T", "monetary_value", "total_spend")
+
+
+class LogisticBaseline:
+    """Logistic regression on log RFM: the simple model any churn model must beat."""
+
+    def __init__(self, label: str, features: Sequence[str] = LOGISTIC_FEATURES) -> None:
+        self.label = label
+        self.features = tuple(features)
+
+    def _x(self, frame: pd.DataFrame) -> np.ndarray:
+        missing = [c for c in self.features if c not in frame.columns]
+        if missing:
+            raise FeatureSchemaError(f"missing feature columns: {', '.join(missing)}")
+        x = frame[list(self.features)].to_numpy(dtype="float64", na_value=0.0)
+        return np.log1p(np.clip(x, 0.0, None))
+
+    def fit(self, train: pd.DataFrame) -> LogisticBaseline:
+        """Fit on training rows."""
+        self.pipeline_: Pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=1.0))
+        self.pipeline_.fit(self._x(train), _binary_label(train, self.label))
+        return self
+
+    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
+        """Probability of churn per row."""
+        return np.asarray(self.pipeline_.predict_proba(self._x(frame))[:, 1])
+
+
+def next_purchase_date(as_of: pd.Series | dt.date, days: np.ndarray) -> pd.Series:
+    """Expected next purchase date: the cutoff plus the expected days (NaT when infinite)."""
+    finite = np.where(np.isfinite(days) & (days < 365 * 100), days, np.nan)
+    base = pd.to_datetime(pd.Series(as_of) if not isinstance(as_of, pd.Series) else as_of)
+    return (base.reset_index(drop=True) + pd.to_timedelta(np.ceil(finite), unit="D")).dt.date
+
+
+def btyd_outputs(model: _BaseModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """P(alive), expected purchases over the horizon and days to the next purchase, per row.
+
+    NaN when the model was trained without BTYD features.
+    """
+    if model.btyd_ is None:
+        nan = np.full(len(frame), np.nan)
+        return pd.DataFrame(
+            {"p_alive": nan, "expected_purchases": nan, "expected_days_to_next_purchase": nan},
+            index=frame.index,
+        )
+    extra = model.btyd_.transform(frame)
+    return pd.DataFrame(
+        {
+            "p_alive": extra["p_alive"],
+            "expected_purchases": extra[f"expected_purchases_{model.config.horizon_days}d"],
+            "expected_days_to_next_purchase": extra["expected_days_to_next_purchase"],
+        },
+        index=frame.index,
+    )
+
+
+def score_frame(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """What serving returns per row: the model's prediction plus the BTYD outputs.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Churn: ``churn_probability``, ``risk_tier``; value: ``predicted_value`` (currency
+        over the horizon); both: ``p_alive``, ``expected_purchases``,
+        ``expected_days_to_next_purchase``.
+    """
+    out = btyd_outputs(model, frame)
+    if isinstance(model, ChurnModel):
+        proba = model.predict_proba(frame)
+        out.insert(0, "risk_tier", model.risk_tier(proba))
+        out.insert(0, "churn_probability", proba)
+    else:
+        out.insert(0, "predicted_value", model.predict(frame))
+    return out
+
+
+def input_columns(model: ChurnModel | ValueModel) -> list[str]:
+    """The feature columns a caller must send (BTYD columns are derived inside)."""
+    derived = set(model.btyd_.columns) if model.btyd_ is not None else set()
+    needed = [c for c in model.feature_names_ if c not in derived]
+    if model.btyd_ is not None:
+        needed += [c for c in ("frequency", "recency", "T", "monetary_value") if c not in needed]
+    return needed

@@ -1,0 +1,460 @@
+"""The training job: data -> out-of-time training set -> models and baselines -> MLflow.
+
+:func:`fit_and_evaluate` is pure (frames in, fitted models and metrics out) so the CDNOW
+benchmark and the tests use it without MLflow; :func:`train` wraps it in an MLflow run, logs
+everything, registers the model and applies the champion/challenger gate last, so a run that
+fails at any step leaves the champion where it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+import yaml
+from mlflow.data.pandas_dataset import from_pandas
+from mlflow.models import infer_signature
+
+from rapport.features.build import connect
+from rapport.features.contracts import TableSource, load_interactions, load_transactions
+from rapport.training import plots, tracking
+from rapport.training.config import ModelConfig
+from rapport.training.datasets import (
+    OutOfTimeSplit,
+    build_training_set,
+    resolve_cutoffs,
+    split_cutoffs,
+)
+from rapport.training.metrics import churn_metrics, value_metrics
+from rapport.training.models import (
+    BTYDFeatures,
+    ChurnModel,
+    LogisticBaseline,
+    ValueModel,
+    input_columns,
+)
+from rapport.training.pyfunc import RapportModel
+from rapport.training.settings import TrainingSettings
+
+#: Metrics that only make sense for calibrated probabilities, dropped for rank-only scores.
+PROBABILITY_METRICS = ("brier", "log_loss", "ece")
+MODEL_NAME = "lightgbm"
+
+StepFn = Callable[[str], AbstractContextManager[Any]]
+
+
+@contextlib.contextmanager
+def _quiet_step(_: str) -> Iterator[None]:
+    yield
+
+
+@dataclass
+class Evaluation:
+    """A fitted model, its baselines' and its own test predictions and metrics."""
+
+    model: ChurnModel | ValueModel
+    y_test: np.ndarray
+    predictions: dict[str, np.ndarray]
+    metrics: dict[str, dict[str, float]]
+    valid_metrics: dict[str, float] = field(default_factory=dict)
+
+    def table(self) -> pd.DataFrame:
+        """Models as rows, metrics as columns (the model first)."""
+        return pd.DataFrame.from_dict(self.metrics, orient="index")
+
+
+def _rank_only(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """Churn metrics for a score that ranks but is not a probability."""
+    ranks = pd.Series(score).rank(method="average").to_numpy()
+    scaled = (ranks - 0.5) / len(ranks)
+    out = churn_metrics(y, scaled)
+    return {k: v for k, v in out.items() if k not in PROBABILITY_METRICS}
+
+
+def fit_and_evaluate(
+    config: ModelConfig, train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame
+) -> Evaluation:
+    """Fit the model and its baselines, and score all of them on the test rows.
+
+    Parameters
+    ----------
+    config
+        Model config (task, label, parameters).
+    train, valid, test
+        Feature rows with the label column ``config.label``; ``valid`` early-stops (and, for
+        churn, calibrates), ``test`` is scored once.
+
+    Returns
+    -------
+    Evaluation
+        Baselines: churn - ``logistic`` (log RFM), ``bgnbd`` (P(no purchase in the horizon))
+        and ``bgnbd_rank`` (ranking by expected purchases); value - ``bgnbd_gg`` (expected
+        purchases x Gamma-Gamma spend). The BTYD baselines are fitted on the test cutoff's own
+        history, as the literature fits on the calibration period.
+    """
+    if config.label not in test.columns:
+        raise ValueError(f"test rows lack the label column {config.label!r}")
+    h = config.horizon_days
+    btyd = BTYDFeatures(h, seed=config.seed).fit(test).transform(test)
+    predictions: dict[str, np.ndarray] = {}
+    metrics: dict[str, dict[str, float]] = {}
+    if config.task == "churn":
+        churn = ChurnModel(config).fit(train, valid)
+        y = test[config.label].astype("int8").to_numpy()
+        predictions[MODEL_NAME] = churn.predict_proba(test)
+        predictions["logistic"] = LogisticBaseline(config.label).fit(train).predict_proba(test)
+        predictions["bgnbd"] = btyd[f"p_no_purchase_{h}d"].to_numpy()
+        for name, p in predictions.items():
+            metrics[name] = churn_metrics(y, np.clip(p, 0.0, 1.0))
+        rank_score = -btyd[f"expected_purchases_{h}d"].to_numpy()
+        predictions["bgnbd_rank"] = rank_score
+        metrics["bgnbd_rank"] = _rank_only(y, rank_score)
+        valid_y = valid[config.label].astype("int8").to_numpy()
+        valid_metrics = churn_metrics(valid_y, churn.predict_proba(valid))
+        return Evaluation(churn, y, predictions, metrics, valid_metrics)
+    value = ValueModel(config).fit(train, valid)
+    y_value = test[config.label].to_numpy(dtype="float64")
+    predictions[MODEL_NAME] = value.predict(test)
+    predictions["bgnbd_gg"] = btyd[f"btyd_value_{h}d"].to_numpy()
+    for name, pred in predictions.items():
+        metrics[name] = value_metrics(y_value, pred)
+    valid_metrics = value_metrics(
+        valid[config.label].to_numpy(dtype="float64"), value.predict(valid)
+    )
+    return Evaluation(value, y_value, predictions, metrics, valid_metrics)
+
+
+def _figures(evaluation: Evaluation, task: str) -> dict[str, Any]:
+    y, preds = evaluation.y_test, evaluation.predictions
+    importance = evaluation.model.feature_importance()
+    figures = {
+        "feature_importance.png": plots.importance_plot(
+            list(importance.index), importance.to_numpy()
+        )
+    }
+    if task == "churn":
+        probs = {k: v for k, v in preds.items() if k != "bgnbd_rank"}
+        figures["calibration.png"] = plots.calibration_plot(y, probs)
+        figures["gain.png"] = plots.gain_plot(y, probs)
+    else:
+        figures["deciles.png"] = plots.decile_plot(y, preds)
+    return figures
+
+
+def _flat_params(config: ModelConfig) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = (
+                value if not isinstance(value, list | tuple) else ",".join(map(str, value))
+            )
+
+    walk("", config.model_dump(mode="json"))
+    return flat
+
+
+def _input_example(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataFrame:
+    """A few rows in the wire types: numbers as float64, text as strings."""
+    example = frame[input_columns(model)].head(5).copy()
+    for col in example.columns:
+        if pd.api.types.is_numeric_dtype(example[col]):
+            example[col] = example[col].astype("float64")
+        else:
+            example[col] = example[col].astype("string").astype(object)
+    return example.reset_index(drop=True)
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for package in ("lightgbm", "scikit-learn", "scipy", "pandas", "numpy", "pyarrow"):
+        try:
+            reqs.append(f"{package}=={version(package)}")
+        except PackageNotFoundError:
+            continue
+    return reqs
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    """What a training run produced."""
+
+    run_id: str
+    registered_name: str
+    version: str
+    promoted: bool
+    gate_reason: str
+    metrics: pd.DataFrame
+    split: OutOfTimeSplit
+
+
+def _score_with(config: ModelConfig) -> Callable[[Any, pd.DataFrame], float]:
+    def score(model: Any, test: pd.DataFrame) -> float:
+        out = model.predict(None, test)
+        if config.task == "churn":
+            y = test[config.label].astype("int8").to_numpy()
+            return churn_metrics(y, out["churn_probability"].to_numpy())[config.gate.metric]
+        actual = test[config.label].to_numpy(dtype="float64")
+        return value_metrics(actual, out["predicted_value"].to_numpy())[config.gate.metric]
+
+    return score
+
+
+def prepare_training_set(
+    config: ModelConfig,
+    transactions: TableSource,
+    interactions: TableSource | None = None,
+    *,
+    settings: TrainingSettings | None = None,
+) -> tuple[pd.DataFrame, OutOfTimeSplit]:
+    """Load and validate inputs, pick cutoffs, build the labelled rows of the split.
+
+    Returns
+    -------
+    (pandas.DataFrame, OutOfTimeSplit)
+        Rows at the train, validation and test cutoffs only.
+    """
+    settings = settings or TrainingSettings()
+    tx = load_transactions(transactions)
+    ix = load_interactions(interactions) if interactions is not None else None
+    last_day = pd.Timestamp(tx["timestamp"].max()).date()
+    cutoffs = resolve_cutoffs(
+        config.cutoffs, horizon_days=config.horizon_days, last_event_day=last_day
+    )
+    split = split_cutoffs(cutoffs, config.horizon_days)
+    used = [*split.train, split.valid, split.test]
+    con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
+    try:
+        frame = build_training_set(
+            tx,
+            ix,
+            cutoffs=used,
+            horizon_days=config.horizon_days,
+            windows=config.windows,
+            validate=False,
+            connection=con,
+        )
+    finally:
+        con.close()
+    return frame, split
+
+
+def split_frame(
+    frame: pd.DataFrame, split: OutOfTimeSplit
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Train, validation and test rows of a training set."""
+    as_of = pd.to_datetime(frame["as_of"]).dt.date
+    train = frame[as_of.isin(split.train)]
+    valid = frame[as_of == split.valid]
+    test = frame[as_of == split.test]
+    for role, part in (("train", train), ("valid", valid), ("test", test)):
+        if part.empty:
+            raise ValueError(f"the {role} cutoff(s) hold no customers")
+    return train, valid, test
+
+
+def train(
+    config: ModelConfig,
+    transactions: TableSource,
+    interactions: TableSource | None = None,
+    *,
+    source: str | None = None,
+    settings: TrainingSettings | None = None,
+    step: StepFn = _quiet_step,
+) -> TrainingResult:
+    """Train one model, track it in MLflow, register it and apply the gate.
+
+    Parameters
+    ----------
+    config
+        The model config.
+    transactions, interactions
+        Paths or frames.
+    source
+        Where the data came from, for lineage (defaults to the paths given).
+    settings
+        Environment settings (read from the environment by default).
+    step
+        A context-manager factory for progress display, called with each step's title.
+
+    Returns
+    -------
+    TrainingResult
+    """
+    settings = settings or TrainingSettings()
+    tracking.configure(settings)
+    experiment_id = tracking.ensure_experiment(config.experiment, settings)
+    if source is None:
+        source = str(transactions) if isinstance(transactions, str | Path) else "dataframe"
+    with step("Building the out-of-time training set"):
+        frame, split = prepare_training_set(config, transactions, interactions, settings=settings)
+        train_rows, valid_rows, test_rows = split_frame(frame, split)
+    with mlflow.start_run(
+        experiment_id=experiment_id, run_name=f"{config.task}-{split.test}"
+    ) as run:
+        mlflow.set_tags(
+            {"rapport.task": config.task, "rapport.registered_name": config.registered_name}
+        )
+        mlflow.log_params(_flat_params(config))
+        mlflow.log_params(
+            {
+                "train_cutoffs": ",".join(map(str, split.train)),
+                "valid_cutoff": str(split.valid),
+                "test_cutoff": str(split.test),
+                "data_source": source,
+            }
+        )
+        mlflow.log_text(
+            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml"
+        )
+        for role, part in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
+            dataset = from_pandas(
+                part,
+                source=source,
+                name=f"{config.task}-{role}",
+                targets=config.label,
+            )
+            mlflow.log_input(dataset, context=role, tags={"rows": str(len(part))})
+            mlflow.log_metric(f"rows_{role}", len(part))
+        with step(f"Fitting the {config.task} model and its baselines"):
+            evaluation = fit_and_evaluate(config, train_rows, valid_rows, test_rows)
+        model = evaluation.model
+        mlflow.log_metric("best_iteration", model.best_iteration_)
+        for name, values in evaluation.metrics.items():
+            prefix = "test_" if name == MODEL_NAME else f"baseline_{name}_test_"
+            mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in values.items()})
+        mlflow.log_metrics({f"valid_{k}": float(v) for k, v in evaluation.valid_metrics.items()})
+        with step("Logging plots and the model"):
+            log_artifacts(evaluation, config)
+            example = _input_example(model, test_rows)
+            wrapped = RapportModel(model)
+            signature = infer_signature(example, wrapped.predict(None, example))
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=wrapped,
+                signature=signature,
+                input_example=example,
+                registered_model_name=config.registered_name,
+                pip_requirements=_requirements(),
+                metadata={
+                    "task": config.task,
+                    "horizon_days": config.horizon_days,
+                    "test_cutoff": str(split.test),
+                    "feature_names": model.feature_names_,
+                },
+            )
+        new_version = str(info.registered_model_version)
+        tracking.set_alias(config.registered_name, tracking.CHALLENGER, new_version)
+        with step("Comparing with the champion"):
+            champion_value, champion_version = tracking.champion_value_on(
+                config.registered_name, test_rows, _score_with(config)
+            )
+            decision = tracking.decide(
+                config.gate,
+                evaluation.metrics[MODEL_NAME][config.gate.metric],
+                champion_value,
+                champion_version,
+            )
+        mlflow.set_tags({"rapport.gate": "pass" if decision.promote else "fail"})
+        mlflow.log_text(decision.reason, "gate.txt")
+        client = mlflow.MlflowClient()
+        client.set_model_version_tag(config.registered_name, new_version, "gate", decision.reason)
+        client.set_model_version_tag(
+            config.registered_name, new_version, "test_cutoff", str(split.test)
+        )
+        # The champion moves last: any failure above leaves it where it was.
+        if decision.promote:
+            tracking.set_alias(config.registered_name, tracking.CHAMPION, new_version)
+        return TrainingResult(
+            run_id=run.info.run_id,
+            registered_name=config.registered_name,
+            version=new_version,
+            promoted=decision.promote,
+            gate_reason=decision.reason,
+            metrics=evaluation.table(),
+            split=split,
+        )
+
+
+def log_artifacts(evaluation: Evaluation, config: ModelConfig) -> None:
+    """Plots, the metrics table, feature list and importances of one run."""
+    for filename, figure in _figures(evaluation, config.task).items():
+        mlflow.log_figure(figure, f"plots/{filename}")
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "metrics.csv"
+        evaluation.table().to_csv(table)
+        mlflow.log_artifact(str(table))
+    importance = evaluation.model.feature_importance()
+    mlflow.log_text(json.dumps(evaluation.model.feature_names_, indent=1), "features.json")
+    mlflow.log_text(importance.to_csv(header=["gain"]), "feature_importance.csv")
+
+
+def evaluate_registered(
+    config: ModelConfig,
+    model_uri: str,
+    transactions: TableSource,
+    interactions: TableSource | None = None,
+    *,
+    as_of: str,
+    settings: TrainingSettings | None = None,
+) -> pd.DataFrame:
+    """Score a registered model on one cutoff, beside the BTYD baseline fitted there.
+
+    Parameters
+    ----------
+    config
+        Config of the model's task (label and horizon).
+    model_uri
+        E.g. ``models:/rapport-churn@champion`` or ``models:/rapport-churn/3``.
+    transactions, interactions
+        Data to evaluate on.
+    as_of
+        The cutoff; its whole horizon must lie inside the data.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Models as rows (``registered``, and ``bgnbd`` or ``bgnbd_gg``), metrics as columns.
+    """
+    settings = settings or TrainingSettings()
+    tracking.configure(settings)
+    con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
+    try:
+        frame = build_training_set(
+            load_transactions(transactions),
+            load_interactions(interactions) if interactions is not None else None,
+            cutoffs=[as_of],
+            horizon_days=config.horizon_days,
+            windows=config.windows,
+            validate=False,
+            connection=con,
+        )
+    finally:
+        con.close()
+    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    scores = model.predict(None, frame)
+    h = config.horizon_days
+    btyd = BTYDFeatures(h, seed=config.seed).fit(frame).transform(frame)
+    rows: dict[str, dict[str, float]] = {}
+    if config.task == "churn":
+        y = frame[config.label].astype("int8").to_numpy()
+        rows["registered"] = churn_metrics(y, scores["churn_probability"].to_numpy())
+        rows["bgnbd"] = churn_metrics(y, btyd[f"p_no_purchase_{h}d"].to_numpy())
+    else:
+        actual = frame[config.label].to_numpy(dtype="float64")
+        rows["registered"] = value_metrics(actual, scores["predicted_value"].to_numpy())
+        rows["bgnbd_gg"] = value_metrics(actual, btyd[f"btyd_value_{h}d"].to_numpy())
+    return pd.DataFrame.from_dict(rows, orient="index")

@@ -1,0 +1,182 @@
+"""MLflow plumbing: the store, experiments, registered models, aliases and the gate.
+
+Aliases, never the deprecated stages: every new version gets ``challenger``; ``champion``
+moves only when the gate passes, as the very last step of a successful run.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+
+from rapport.training.config import GateConfig
+from rapport.training.settings import TrainingSettings
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+
+def configure(settings: TrainingSettings | None = None) -> str:
+    """Point MLflow at the configured store (creating the embedded one's folder).
+
+    Returns
+    -------
+    str
+        The tracking URI in use.
+    """
+    settings = settings or TrainingSettings()
+    if not settings.mlflow_tracking_uri:
+        Path(settings.home).mkdir(parents=True, exist_ok=True)
+    uri = settings.tracking_uri
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def ensure_experiment(name: str, settings: TrainingSettings | None = None) -> str:
+    """The id of experiment ``name``, created (with local artifacts if embedded) if new."""
+    settings = settings or TrainingSettings()
+    client = MlflowClient()
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return str(found.experiment_id)
+    return str(client.create_experiment(name, artifact_location=settings.artifact_root))
+
+
+def version_by_alias(name: str, alias: str) -> ModelVersion | None:
+    """The version behind ``alias`` of model ``name``, or ``None``."""
+    try:
+        return MlflowClient().get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether a new version takes ``champion``, and why."""
+
+    promote: bool
+    reason: str
+    new_value: float
+    champion_value: float | None = None
+    champion_version: str | None = None
+
+
+def decide(
+    gate: GateConfig,
+    new_value: float,
+    champion_value: float | None,
+    champion_version: str | None = None,
+) -> GateDecision:
+    """Apply the gate to the new model's and the champion's metric on the same test rows."""
+    metric = gate.metric
+    sign = 1.0 if gate.higher_is_better else -1.0
+    if not math.isfinite(new_value):
+        return GateDecision(False, f"{metric} is not finite", new_value)
+    if gate.min_value is not None and sign * (new_value - gate.min_value) < 0:
+        bound = ">=" if gate.higher_is_better else "<="
+        return GateDecision(
+            False,
+            f"{metric} {new_value:.4f} misses the threshold {bound} {gate.min_value}",
+            new_value,
+            champion_value,
+            champion_version,
+        )
+    if champion_value is None:
+        return GateDecision(True, f"no champion yet; {metric} {new_value:.4f}", new_value)
+    margin = sign * (new_value - champion_value)
+    if margin > gate.min_improvement or (gate.min_improvement == 0 and margin >= 0):
+        return GateDecision(
+            True,
+            f"{metric} {new_value:.4f} vs champion v{champion_version} {champion_value:.4f}",
+            new_value,
+            champion_value,
+            champion_version,
+        )
+    return GateDecision(
+        False,
+        f"{metric} {new_value:.4f} does not beat champion v{champion_version} "
+        f"{champion_value:.4f} by {gate.min_improvement}",
+        new_value,
+        champion_value,
+        champion_version,
+    )
+
+
+def champion_value_on(
+    name: str, test: pd.DataFrame, score: Callable[[Any, pd.DataFrame], float]
+) -> tuple[float | None, str | None]:
+    """Score the current champion on the new run's test rows (``None`` if there is none).
+
+    A champion that cannot score these rows (e.g. trained on other feature columns) scores
+    ``-inf``/``inf`` through ``score`` raising: the new model then only needs to pass the
+    threshold. That is logged, never hidden.
+    """
+    current = version_by_alias(name, CHAMPION)
+    if current is None:
+        return None, None
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").unwrap_python_model()
+    return score(model, test), str(current.version)
+
+
+def set_alias(name: str, alias: str, version: str) -> None:
+    """Point ``alias`` of model ``name`` at ``version``."""
+    MlflowClient().set_registered_model_alias(name, alias, version)
+
+
+def promote(name: str, version: str, *, reason: str = "manual") -> None:
+    """Make ``version`` the champion by hand (``rapport promote``), recording why."""
+    client = MlflowClient()
+    client.get_model_version(name, version)  # raises a clear MlflowException if absent
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promoted_by", reason)
+    client.set_model_version_tag(name, version, "promoted_at", dt.datetime.now(dt.UTC).isoformat())
+
+
+def list_versions(names: list[str] | None = None) -> pd.DataFrame:
+    """Registered versions with aliases and their run's test metrics.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``model``, ``version``, ``aliases``, ``created``, ``run_id``, ``test_cutoff`` and one
+        column per ``test_*`` metric of the model (not the baselines).
+    """
+    client = MlflowClient()
+    if names is None:
+        names = [m.name for m in client.search_registered_models()]
+    rows: list[dict[str, Any]] = []
+    for name in names:
+        for mv in client.search_model_versions(f"name = '{name}'"):
+            row: dict[str, Any] = {
+                "model": name,
+                "version": int(mv.version),
+                "aliases": ",".join(sorted(mv.aliases)),
+                "created": pd.Timestamp(mv.creation_timestamp, unit="ms"),
+                "run_id": mv.run_id,
+            }
+            if mv.run_id:
+                run = client.get_run(mv.run_id)
+                row["test_cutoff"] = run.data.params.get("test_cutoff")
+                row.update(
+                    {
+                        k.removeprefix("test_"): v
+                        for k, v in run.data.metrics.items()
+                        if k.startswith("test_")
+                    }
+                )
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return frame
+    return frame.sort_values(["model", "version"], ascending=[True, False]).reset_index(drop=True)
