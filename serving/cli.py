@@ -23,7 +23,11 @@ from rapport.features.cli import (
 )
 from rapport.features.contracts import load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
+from rapport.training.cli import print_metrics, quiet_mlflow
 from rapport.training.cli import register as register_training_commands
+from rapport.training.config import load_config
+from rapport.training.pipeline import train
+from rapport.training.settings import TrainingSettings
 
 app = typer.Typer(
     name="rapport",
@@ -46,8 +50,18 @@ def demo(
     customers: Annotated[int, typer.Option(help="Customers in the synthetic demo world.")] = 20_000,
     seed: Annotated[int, typer.Option(help="Random seed of the demo data.")] = 42,
     horizon_days: Annotated[int, typer.Option(help="Label horizon in days.")] = 90,
+    train_models: Annotated[
+        bool,
+        typer.Option(
+            "--train/--no-train", help="Train, evaluate and register the churn and value models."
+        ),
+    ] = True,
 ) -> None:
-    """Run the main job end to end on embedded demo data: generate, build features, summarise."""
+    """Run the main job end to end on embedded demo data.
+
+    Generate data, build features and labels, summarise segments, then train the churn and
+    value models, compare them with the baselines in MLflow and register them.
+    """
     from rapport.features.synthetic import SyntheticConfig, write_synthetic
 
     settings = RapportSettings()
@@ -78,6 +92,30 @@ def demo(
     console.print(
         f"{horizon_days}-day churn rate across cutoffs: {churn.min():.1%} - {churn.max():.1%}; "
         f"outputs in {out_dir}"
+    )
+    if not train_models:
+        return
+    train_settings = TrainingSettings()
+    quiet_mlflow()
+    console.print(f"MLflow store: {train_settings.tracking_uri}")
+    for task in ("churn", "clv"):
+        model_config = load_config(task)
+        result = train(
+            model_config,
+            summary.transactions_path,
+            summary.interactions_path,
+            source=str(summary.transactions_path),
+            settings=train_settings,
+            step=step,
+        )
+        print_metrics(result.metrics, f"{task}: test cutoff {result.split.test}")
+        verdict = "champion" if result.promoted else "challenger only"
+        console.print(
+            f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason})"
+        )
+    console.print(
+        "Next: `rapport models` lists versions; `mlflow ui --backend-store-uri "
+        f"{train_settings.tracking_uri}` browses the runs."
     )
 
 

@@ -66,6 +66,7 @@ def test_labels_command(tmp_path, cdnow_csv):
 
 def test_demo_main_job(tmp_path, monkeypatch):
     monkeypatch.setenv("RAPPORT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     result = runner.invoke(app, ["demo", "--customers", "1500"])
     assert result.exit_code == 0, result.output
     feats = pd.read_parquet(tmp_path / "home" / "demo" / "features.parquet")
@@ -73,6 +74,10 @@ def test_demo_main_job(tmp_path, monkeypatch):
     assert feats["as_of"].nunique() == 12
     assert len(feats) == len(labels)
     assert "Demo customers by segment" in result.output
+    # The main job goes on to train and register both models in the embedded MLflow store.
+    assert "rapport-churn v1: champion" in result.output
+    assert "rapport-clv v1: champion" in result.output
+    assert (tmp_path / "home" / "mlflow.db").exists()
 
 
 def test_every_option_has_help():

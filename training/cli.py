@@ -6,7 +6,9 @@ settings (``RAPPORT_HOME``, ``MLFLOW_TRACKING_URI``) are read when a command sta
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 from enum import StrEnum
 from functools import partial
 from pathlib import Path
@@ -74,13 +76,37 @@ def _config_for(task: Task, config: Path | None, overrides: dict[str, Any]) -> M
     return load_config(config, overrides)
 
 
+#: Short headers so the metric tables fit an 80-column terminal.
+SHORT_NAMES = {
+    "roc_auc": "ROC-AUC",
+    "pr_auc": "PR-AUC",
+    "brier": "Brier",
+    "log_loss": "log loss",
+    "ece": "ECE",
+    "lift_top_decile": "lift@10%",
+    "capture_top_decile": "capture@10%",
+    "gini": "Gini",
+    "spearman": "Spearman",
+    "decile_mape": "decile MAPE",
+    "total_ratio": "pred/actual",
+    "mae": "MAE",
+    "rmse": "RMSE",
+}
+
+
+def quiet_mlflow() -> None:
+    """Keep MLflow's info and pickling warnings out of command output."""
+    logging.getLogger("mlflow").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=r"mlflow\..*")
+
+
 def print_metrics(table: pd.DataFrame, title: str) -> None:
     """Print a models x metrics table."""
     out = Table(title=title)
-    out.add_column("model")
-    columns = [c for c in table.columns if c != "n"]
+    out.add_column("model", no_wrap=True)
+    columns = [c for c in table.columns if c in SHORT_NAMES]
     for col in columns:
-        out.add_column(col, justify="right")
+        out.add_column(SHORT_NAMES[col], justify="right")
     for name, row in table.iterrows():
         out.add_row(
             str(name),
@@ -111,6 +137,7 @@ def train_command(
 ) -> None:
     """Train, evaluate out of time, track in MLflow, register, and gate the champion."""
     settings = TrainingSettings()
+    quiet_mlflow()
     tx, ix = _data(transactions, interactions, settings)
     overrides = {
         "horizon_days": horizon_days,
@@ -182,33 +209,20 @@ def models_command(
         return
     keep = [
         c
-        for c in (
-            "model",
-            "version",
-            "aliases",
-            "created",
-            "test_cutoff",
-            "roc_auc",
-            "pr_auc",
-            "brier",
-            "gini",
-            "decile_mape",
-            "total_ratio",
-        )
+        for c in ("model", "version", "aliases", "test_cutoff", "roc_auc", "brier", "gini")
         if c in frame.columns
     ]
     out = Table(title="Registered models")
     for col in keep:
-        out.add_column(col)
+        out.add_column(SHORT_NAMES.get(col, col), no_wrap=col in ("model", "aliases"))
     for _, row in frame[keep].iterrows():
-        out.add_row(
-            *(
-                f"{v:.4f}"
-                if isinstance(v, float) and math.isfinite(v)
-                else ("" if v != v else str(v))
-                for v in row
-            )
-        )
+        cells = []
+        for value in row:
+            if isinstance(value, float):
+                cells.append(f"{value:.4f}" if math.isfinite(value) else "")
+            else:
+                cells.append(str(value))
+        out.add_row(*cells)
     console.print(out)
 
 

@@ -168,12 +168,10 @@ def _flat_params(config: ModelConfig) -> dict[str, Any]:
 
 
 def _input_example(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataFrame:
-    """A few rows in the wire types: numbers as float64, text as strings."""
+    """A few feature rows as ``build_features`` types them (categories sent as strings)."""
     example = frame[input_columns(model)].head(5).copy()
     for col in example.columns:
-        if pd.api.types.is_numeric_dtype(example[col]):
-            example[col] = example[col].astype("float64")
-        else:
+        if not pd.api.types.is_numeric_dtype(example[col]):
             example[col] = example[col].astype("string").astype(object)
     return example.reset_index(drop=True)
 

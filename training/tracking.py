@@ -157,11 +157,15 @@ def list_versions(names: list[str] | None = None) -> pd.DataFrame:
         names = [m.name for m in client.search_registered_models()]
     rows: list[dict[str, Any]] = []
     for name in names:
+        # Version search results may omit aliases; the registered model always has them.
+        aliases: dict[str, list[str]] = {}
+        for alias, aliased in client.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(aliased), []).append(alias)
         for mv in client.search_model_versions(f"name = '{name}'"):
             row: dict[str, Any] = {
                 "model": name,
                 "version": int(mv.version),
-                "aliases": ",".join(sorted(mv.aliases)),
+                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
                 "created": pd.Timestamp(mv.creation_timestamp, unit="ms"),
                 "run_id": mv.run_id,
             }

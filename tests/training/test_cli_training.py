@@ -1,0 +1,109 @@
+"""The training commands through the real ``rapport`` Typer app, with a temporary store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from rapport.serving.cli import app
+from rapport.training.config import load_config
+from rapport.training.settings import TrainingSettings
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def fast_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("configs")
+    for task in ("churn", "clv"):
+        data = load_config(task).model_dump(mode="json")
+        data["lightgbm"].update(num_boost_round=30, early_stopping_rounds=10)
+        data["lightgbm"]["params"].update(learning_rate=0.2, min_data_in_leaf=20)
+        data["cutoffs"]["count"] = 5
+        if task == "clv":
+            data["horizon_days"] = 180
+            data["cutoffs"]["every_months"] = 2
+        (folder / f"{task}.yaml").write_text(yaml.safe_dump(data))
+    return folder
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("RAPPORT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "home"
+
+
+def test_train_all_then_list_evaluate_and_promote(
+    home: Path, fast_yaml: Path, small_world: dict[str, Path]
+) -> None:
+    data = ["--transactions", str(small_world["transactions"]),
+            "--interactions", str(small_world["interactions"])]  # fmt: skip
+    result = runner.invoke(app, ["train", "all", "--config", str(fast_yaml), *data])
+    assert result.exit_code == 0, result.output
+    assert "rapport-churn v1: champion" in result.output
+    assert "rapport-clv v1: champion" in result.output
+    assert "ROC-AUC" in result.output and "Gini" in result.output
+
+    again = runner.invoke(
+        app, ["train", "churn", "--config", str(fast_yaml / "churn.yaml"), "--seed", "3", *data]
+    )
+    assert again.exit_code == 0, again.output
+    assert "rapport-churn v2" in again.output
+
+    listing = runner.invoke(app, ["models"])
+    assert listing.exit_code == 0, listing.output
+    assert "rapport-churn" in listing.output and "rapport-clv" in listing.output
+    assert "champion" in listing.output
+
+    client = MlflowClient(TrainingSettings().tracking_uri)
+    test_cutoff = client.get_model_version("rapport-churn", "1").tags["test_cutoff"]
+    evaluated = runner.invoke(
+        app,
+        ["evaluate", "churn", "--as-of", test_cutoff, "--version", "1",
+         "--config", str(fast_yaml / "churn.yaml"), *data],
+    )  # fmt: skip
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "registered" in evaluated.output and "bgnbd" in evaluated.output
+
+    promoted = runner.invoke(app, ["promote", "rapport-churn", "2"])
+    assert promoted.exit_code == 0, promoted.output
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "2"
+
+    missing = runner.invoke(app, ["promote", "rapport-churn", "99"])
+    assert missing.exit_code == 2
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "2"
+
+
+def test_train_without_data_explains_and_exits_2(home: Path) -> None:
+    result = runner.invoke(app, ["train", "churn"])
+    assert result.exit_code == 2
+    assert "rapport demo" in result.output
+
+
+def test_train_with_a_bad_config_exits_2_and_registers_nothing(
+    home: Path, tmp_path: Path, small_world: dict[str, Path]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: churn\nregistered_name: x\nhorizon_days: 90\ngate: {metric: nope}\n")
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "churn",
+            "--config",
+            str(bad),
+            "--transactions",
+            str(small_world["transactions"]),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "gate.metric" in result.output
+    assert (
+        not (home / "mlflow.db").exists()
+        or not MlflowClient(TrainingSettings().tracking_uri).search_registered_models()
+    )

@@ -1,0 +1,207 @@
+"""End to end: train with a real (temporary, SQLite) MLflow store, register, gate, fail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from rapport.training import pipeline, tracking
+from rapport.training.config import ModelConfig
+from rapport.training.settings import TrainingSettings
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> TrainingSettings:
+    home = tmp_path_factory.mktemp("rapport_home")
+    return TrainingSettings(home=home, mlflow_tracking_uri=None)
+
+
+@pytest.fixture(scope="module")
+def first_run(
+    settings: TrainingSettings,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> pipeline.TrainingResult:
+    return pipeline.train(
+        fast_config("churn"),
+        small_world["transactions"],
+        small_world["interactions"],
+        settings=settings,
+    )
+
+
+def test_first_run_is_tracked_registered_and_champion(
+    first_run: pipeline.TrainingResult, settings: TrainingSettings
+) -> None:
+    assert first_run.promoted and first_run.version == "1"
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(first_run.run_id)
+    metrics = run.data.metrics
+    for name in ("test_roc_auc", "test_brier", "test_ece", "valid_roc_auc"):
+        assert 0 <= metrics[name] <= 1
+    # Baselines are logged beside the model, on the same test rows.
+    for baseline in ("logistic", "bgnbd"):
+        assert f"baseline_{baseline}_test_roc_auc" in metrics
+    assert run.data.params["test_cutoff"] == str(first_run.split.test)
+    assert run.data.params["horizon_days"] == "90"
+    # Lineage: the three data sets, with their row counts.
+    contexts = sorted(
+        tag.value
+        for inp in run.inputs.dataset_inputs
+        for tag in inp.tags
+        if tag.key == "mlflow.data.context"
+    )
+    assert contexts == ["test", "train", "valid"]
+    artifacts = {a.path for a in client.list_artifacts(first_run.run_id)}
+    assert {"config.yaml", "features.json", "metrics.csv", "plots", "gate.txt"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(first_run.run_id, "plots")}
+    assert {"plots/calibration.png", "plots/gain.png", "plots/feature_importance.png"} <= plots
+    mv = client.get_model_version_by_alias("rapport-churn", "champion")
+    assert str(mv.version) == "1"
+    assert str(client.get_model_version_by_alias("rapport-churn", "challenger").version) == "1"
+
+
+def test_registered_model_scores_like_the_trained_one(
+    first_run: pipeline.TrainingResult,
+    settings: TrainingSettings,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> None:
+    tracking.configure(settings)
+    loaded = mlflow.pyfunc.load_model("models:/rapport-churn@champion")
+    config = fast_config("churn")
+    frame, split = pipeline.prepare_training_set(
+        config, small_world["transactions"], small_world["interactions"], settings=settings
+    )
+    _, _, test = pipeline.split_frame(frame, split)
+    # The client sends feature rows only: preprocessing and feature order travel with the model.
+    wire = test[loaded.metadata.get_input_schema().input_names()].head(200).copy()
+    for col in wire.select_dtypes("category").columns:  # text on the wire, as JSON sends it
+        wire[col] = wire[col].astype("string").astype(object)
+    scores = loaded.predict(wire)
+    inner = loaded.unwrap_python_model().model
+    np.testing.assert_allclose(
+        scores["churn_probability"].to_numpy(), inner.predict_proba(test.head(200)), rtol=1e-12
+    )
+    metadata = loaded.metadata.metadata
+    assert metadata["task"] == "churn" and metadata["horizon_days"] == 90
+
+
+def test_gate_keeps_the_champion_when_the_challenger_is_not_better(
+    first_run: pipeline.TrainingResult,
+    settings: TrainingSettings,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> None:
+    # Same data and seed: equal AUC, so demanding an improvement must fail the gate.
+    strict = fast_config("churn", **{"gate.min_improvement": 0.01})
+    second = pipeline.train(
+        strict, small_world["transactions"], small_world["interactions"], settings=settings
+    )
+    assert not second.promoted
+    assert "does not beat champion v1" in second.gate_reason
+    client = MlflowClient(settings.tracking_uri)
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "1"
+    assert (
+        str(client.get_model_version_by_alias("rapport-churn", "challenger").version)
+        == second.version
+    )
+    # A threshold it cannot reach fails the gate too.
+    high = fast_config("churn", **{"gate.min_value": 0.999})
+    third = pipeline.train(
+        high, small_world["transactions"], small_world["interactions"], settings=settings
+    )
+    assert not third.promoted and "misses the threshold" in third.gate_reason
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "1"
+
+
+def test_a_failed_run_leaves_the_champion_untouched(
+    first_run: pipeline.TrainingResult,
+    settings: TrainingSettings,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    client = MlflowClient(settings.tracking_uri)
+    before = str(client.get_model_version_by_alias("rapport-churn", "champion").version)
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("disk full while logging plots")
+
+    monkeypatch.setattr(pipeline, "log_artifacts", broken)
+    lenient = fast_config("churn", **{"gate.min_value": 0.0, "gate.min_improvement": -1.0})
+    with pytest.raises(RuntimeError, match="disk full"):
+        pipeline.train(
+            lenient, small_world["transactions"], small_world["interactions"], settings=settings
+        )
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == before
+    failed = client.search_runs(
+        [client.get_experiment_by_name("rapport").experiment_id],
+        filter_string="attributes.status = 'FAILED'",
+    )
+    assert len(failed) == 1
+
+
+def test_models_listing_and_manual_promotion(
+    first_run: pipeline.TrainingResult, settings: TrainingSettings
+) -> None:
+    tracking.configure(settings)
+    listing = tracking.list_versions(["rapport-churn"])
+    assert listing["version"].iloc[0] == listing["version"].max()
+    assert "roc_auc" in listing.columns and listing["roc_auc"].between(0, 1).all()
+    champion_row = listing[listing["aliases"].str.contains("champion")]
+    assert champion_row["version"].tolist() == [1]
+    latest = str(listing["version"].max())
+    tracking.promote("rapport-churn", latest, reason="test")
+    client = MlflowClient(settings.tracking_uri)
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == latest
+    assert client.get_model_version("rapport-churn", latest).tags["promoted_by"] == "test"
+    tracking.promote("rapport-churn", "1", reason="test")
+
+
+def test_value_model_trains_and_logs_its_baseline(
+    settings: TrainingSettings,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> None:
+    result = pipeline.train(
+        fast_config("clv"),
+        small_world["transactions"],
+        small_world["interactions"],
+        settings=settings,
+    )
+    table = result.metrics
+    assert list(table.index) == ["lightgbm", "bgnbd_gg"]
+    assert {"gini", "decile_mape", "total_ratio", "spearman"} <= set(table.columns)
+    client = MlflowClient(settings.tracking_uri)
+    plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
+    assert "plots/deciles.png" in plots
+    loaded = mlflow.pyfunc.load_model(f"models:/rapport-clv/{result.version}")
+    assert loaded.metadata.metadata["horizon_days"] == 180
+
+
+def test_evaluate_registered_scores_a_named_version(
+    first_run: pipeline.TrainingResult,
+    settings: TrainingSettings,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> None:
+    config = fast_config("churn")
+    table = pipeline.evaluate_registered(
+        config,
+        "models:/rapport-churn/1",
+        small_world["transactions"],
+        small_world["interactions"],
+        as_of=str(first_run.split.test),
+        settings=settings,
+    )
+    assert list(table.index) == ["registered", "bgnbd"]
+    expected = first_run.metrics.loc["lightgbm", "roc_auc"]
+    assert table.loc["registered", "roc_auc"] == pytest.approx(expected, abs=1e-12)
+    assert isinstance(table, pd.DataFrame)
