@@ -300,6 +300,10 @@ def train(
     with step("Building the out-of-time training set"):
         frame, split = prepare_training_set(config, transactions, interactions, settings=settings)
         train_rows, valid_rows, test_rows = split_frame(frame, split)
+        del frame
+        rows_available = len(train_rows)
+        if config.max_train_rows is not None and rows_available > config.max_train_rows:
+            train_rows = train_rows.sample(config.max_train_rows, random_state=config.seed)
     with mlflow.start_run(
         experiment_id=experiment_id, run_name=f"{config.task}-{split.test}"
     ) as run:
@@ -313,6 +317,7 @@ def train(
                 "valid_cutoff": str(split.valid),
                 "test_cutoff": str(split.test),
                 "data_source": source,
+                "train_rows_available": rows_available,
             }
         )
         mlflow.log_text(

@@ -171,7 +171,7 @@ def test_value_model_trains_and_logs_its_baseline(
     fast_config: Callable[..., ModelConfig],
 ) -> None:
     result = pipeline.train(
-        fast_config("clv"),
+        fast_config("clv", max_train_rows=500),
         small_world["transactions"],
         small_world["interactions"],
         settings=settings,
@@ -182,6 +182,10 @@ def test_value_model_trains_and_logs_its_baseline(
     client = MlflowClient(settings.tracking_uri)
     plots = {a.path for a in client.list_artifacts(result.run_id, "plots")}
     assert "plots/deciles.png" in plots
+    run = client.get_run(result.run_id)
+    # The row cap samples the training cutoffs down, and says how many there were.
+    assert run.data.metrics["rows_train"] == 500
+    assert int(run.data.params["train_rows_available"]) > 500
     loaded = mlflow.pyfunc.load_model(f"models:/rapport-clv/{result.version}")
     assert loaded.metadata.metadata["horizon_days"] == 180
 
