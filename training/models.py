@@ -7,7 +7,6 @@ own preprocessing and feature order, so whoever loads it never has to know them.
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -266,8 +265,17 @@ class _Calibrator:
 class _BaseModel:
     """Shared preprocessing for the LightGBM models."""
 
+    task: str
     config: ModelConfig
     preprocessor_: Preprocessor
+
+    def __init__(self, config: ModelConfig) -> None:
+        if config.task != self.task:
+            raise ValueError(
+                f"{type(self).__name__} needs a {self.task} config, got task {config.task!r}"
+            )
+        self.config = config
+
     btyd_: BTYDFeatures | None
     booster_: lgb.Booster
 
@@ -321,10 +329,7 @@ class ChurnModel(_BaseModel):
         class balancing and BTYD features.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
-        if config.task != "churn":
-            raise ValueError(f"ChurnModel needs a churn config, got task {config.task!r}")
-        self.config = config
+    task = "churn"
 
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame) -> ChurnModel:
         """Fit on ``train`` rows, early-stop and calibrate on ``valid`` rows."""
@@ -377,10 +382,7 @@ class ValueModel(_BaseModel):
     decomposition with gradient boosting for both parts).
     """
 
-    def __init__(self, config: ModelConfig) -> None:
-        if config.task != "clv":
-            raise ValueError(f"ValueModel needs a clv config, got task {config.task!r}")
-        self.config = config
+    task = "clv"
 
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame) -> ValueModel:
         """Fit on ``train`` rows, early-stop on ``valid`` rows."""
@@ -489,11 +491,11 @@ class LogisticBaseline:
         return np.asarray(self.pipeline_.predict_proba(self._x(frame))[:, 1])
 
 
-def next_purchase_date(as_of: pd.Series | dt.date, days: np.ndarray) -> pd.Series:
-    """Expected next purchase date: the cutoff plus the expected days (NaT when infinite)."""
-    finite = np.where(np.isfinite(days) & (days < 365 * 100), days, np.nan)
-    base = pd.to_datetime(pd.Series(as_of) if not isinstance(as_of, pd.Series) else as_of)
-    return (base.reset_index(drop=True) + pd.to_timedelta(np.ceil(finite), unit="D")).dt.date
+def next_purchase_date(as_of: pd.Series, days: np.ndarray) -> pd.Series:
+    """Expected next purchase date: the cutoff plus the expected days (NaT when unbounded)."""
+    finite = np.where(np.isfinite(days) & (days < 365 * 100), np.ceil(days), np.nan)
+    base = pd.to_datetime(as_of)
+    return base + pd.to_timedelta(pd.Series(finite, index=as_of.index), unit="D")
 
 
 def btyd_outputs(model: _BaseModel, frame: pd.DataFrame) -> pd.DataFrame:
@@ -526,7 +528,8 @@ def score_frame(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataF
     pandas.DataFrame
         Churn: ``churn_probability``, ``risk_tier``; value: ``predicted_value`` (currency
         over the horizon); both: ``p_alive``, ``expected_purchases``,
-        ``expected_days_to_next_purchase``.
+        ``expected_days_to_next_purchase`` and, when the rows carry their ``as_of``,
+        ``expected_next_purchase_date``.
     """
     out = btyd_outputs(model, frame)
     if isinstance(model, ChurnModel):
@@ -535,6 +538,10 @@ def score_frame(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataF
         out.insert(0, "churn_probability", proba)
     else:
         out.insert(0, "predicted_value", model.predict(frame))
+    if "as_of" in frame.columns:
+        out["expected_next_purchase_date"] = next_purchase_date(
+            frame["as_of"], out["expected_days_to_next_purchase"].to_numpy()
+        )
     return out
 
 

@@ -9,6 +9,7 @@ fails at any step leaves the champion where it was.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import tempfile
 from collections.abc import Callable, Iterator
@@ -234,12 +235,23 @@ def prepare_training_set(
     )
     split = split_cutoffs(cutoffs, config.horizon_days)
     used = [*split.train, split.valid, split.test]
+    return _labelled_rows(config, tx, ix, used, settings), split
+
+
+def _labelled_rows(
+    config: ModelConfig,
+    tx: pd.DataFrame,
+    ix: pd.DataFrame | None,
+    cutoffs: list[dt.date] | list[str],
+    settings: TrainingSettings,
+) -> pd.DataFrame:
+    """Features and labels at ``cutoffs`` on one DuckDB connection set up from settings."""
     con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
     try:
-        frame = build_training_set(
+        return build_training_set(
             tx,
             ix,
-            cutoffs=used,
+            cutoffs=cutoffs,
             horizon_days=config.horizon_days,
             windows=config.windows,
             validate=False,
@@ -247,7 +259,6 @@ def prepare_training_set(
         )
     finally:
         con.close()
-    return frame, split
 
 
 def split_frame(
@@ -434,19 +445,8 @@ def evaluate_registered(
     """
     settings = settings or TrainingSettings()
     tracking.configure(settings)
-    con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
-    try:
-        frame = build_training_set(
-            load_transactions(transactions),
-            load_interactions(interactions) if interactions is not None else None,
-            cutoffs=[as_of],
-            horizon_days=config.horizon_days,
-            windows=config.windows,
-            validate=False,
-            connection=con,
-        )
-    finally:
-        con.close()
+    ix = load_interactions(interactions) if interactions is not None else None
+    frame = _labelled_rows(config, load_transactions(transactions), ix, [as_of], settings)
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     scores = model.predict(None, frame)
     h = config.horizon_days

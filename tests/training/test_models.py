@@ -153,3 +153,23 @@ def test_wrong_task_config_is_refused(fast_config: Callable[..., ModelConfig]) -
         ChurnModel(fast_config("clv"))
     with pytest.raises(ValueError, match="clv config"):
         ValueModel(fast_config("churn"))
+
+
+def test_expected_next_purchase_date_follows_the_cutoff(
+    churn_model: ChurnModel, churn_frames: Frames
+) -> None:
+    _, _, test = churn_frames
+    rows = test.head(100)
+    scores = score_frame(churn_model, rows)
+    days = scores["expected_days_to_next_purchase"]
+    dates = scores["expected_next_purchase_date"]
+    finite = np.isfinite(days) & (days < 36_500)
+    assert finite.any()
+    gap = (dates[finite] - pd.to_datetime(rows["as_of"])[finite]).dt.days
+    np.testing.assert_array_equal(gap.to_numpy(), np.ceil(days[finite].to_numpy()))
+    assert dates[~finite].isna().all()
+    # Without the cutoff there is no date to anchor on, and no column.
+    assert (
+        "expected_next_purchase_date"
+        not in score_frame(churn_model, rows.drop(columns=["as_of"])).columns
+    )
