@@ -6,6 +6,7 @@ registers them with an embedded DuckDB connection, runs the queries and hands ba
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import tempfile
 from collections.abc import Iterable, Sequence
@@ -15,6 +16,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from rapport.features import definitions as defs
 from rapport.features.contracts import (
@@ -167,7 +169,13 @@ def _run(
     tx: Input,
     ix: Input | None = None,
     connection: duckdb.DuckDBPyConnection | None = None,
+    sort: bool = False,
 ) -> pd.DataFrame:
+    """Run one query; with ``sort`` order the result by ``as_of`` then ``customer_id`` here.
+
+    Sorting the Arrow result costs a fraction of an ``ORDER BY`` over wide rows in DuckDB,
+    and Arrow converts to pandas about twice as fast as ``fetch_df``.
+    """
     con = connection or connect()
     _bind(con, "tx", "transactions", tx)
     if ix is not None:
@@ -177,7 +185,10 @@ def _run(
         {"dates": [d.isoformat() for d in cutoffs]},
     )
     try:
-        out = con.execute(sql).fetch_df()
+        result = con.execute(sql)
+        # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
+        fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+        table = fetch()
     finally:
         _unbind(con, "tx", tx)
         if ix is not None:
@@ -185,8 +196,11 @@ def _run(
         con.execute("DROP TABLE IF EXISTS cutoffs")
         if connection is None:
             con.close()
-    out["as_of"] = pd.to_datetime(out["as_of"]).astype("datetime64[us]")
-    return out
+    if sort:
+        table = table.sort_by([("as_of", "ascending"), ("customer_id", "ascending")])
+    as_of = table.schema.get_field_index("as_of")
+    table = table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
+    return table.to_pandas()
 
 
 def build_features(
@@ -253,11 +267,22 @@ def build_features(
         if not pairs:
             ix = None
     spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
-    sql = defs.features_sql(spec)
     # Cutoffs go in small batches: each batch shares one scan of the events, while DuckDB's
     # hash tables (one group per customer and cutoff) stay a few cutoffs deep.
     batches = [cutoffs[i : i + cutoff_batch] for i in range(0, len(cutoffs), cutoff_batch)]
-    parts = [_run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection) for b in batches]
+    try:
+        sql = defs.features_sql(spec, ordered=False)
+        parts = [
+            _run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection, sort=True) for b in batches
+        ]
+    except (duckdb.ConversionException, duckdb.OutOfRangeException):
+        # A window count too large for its packed field (over 2 million events of one kind for
+        # one customer): count every window in its own integer instead.
+        spec = dataclasses.replace(spec, pack_counts=False)
+        sql = defs.features_sql(spec, ordered=False)
+        parts = [
+            _run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection, sort=True) for b in batches
+        ]
     out = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
     if "preferred_channel" in out.columns:
