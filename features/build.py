@@ -200,7 +200,8 @@ def _run(
         table = table.sort_by([("as_of", "ascending"), ("customer_id", "ascending")])
     as_of = table.schema.get_field_index("as_of")
     table = table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
-    return table.to_pandas()
+    # Arrow buffers are released column by column as pandas gets its (writeable) copy.
+    return table.to_pandas(self_destruct=True)
 
 
 def build_features(
@@ -287,7 +288,9 @@ def build_features(
     out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
     if "preferred_channel" in out.columns:
         out["preferred_channel"] = out["preferred_channel"].astype("string")
-    return out[defs.feature_columns(spec)]
+    columns = defs.feature_columns(spec)
+    # the query already returns them in this order: selecting would copy every column
+    return out if list(out.columns) == columns else out[columns]
 
 
 def build_labels(

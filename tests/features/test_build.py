@@ -295,3 +295,10 @@ def test_packed_counts_overflow_falls_back_to_exact_counts(monkeypatch):
     assert row(feats, "A")["purchases_30d"] == 600
     assert row(feats, "A")["email_opens_30d"] == 600
     assert row(feats, "A")["responses_365d"] == 600
+
+
+def test_result_is_an_ordinary_writeable_frame(tiny_tx, tiny_ix):
+    feats = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+    feats.loc[0, "n_purchases"] = 99
+    feats.iloc[0, feats.columns.get_loc("total_spend")] = 1.5
+    assert feats.loc[0, "n_purchases"] == 99
