@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -91,7 +93,11 @@ def connect(
     # DuckDB defaults to 80% of RAM; a fixed budget makes big aggregations spill to disk
     # instead, so peak memory stays bounded whatever the input size.
     con.execute(f"SET memory_limit = '{memory_limit or DEFAULT_MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/rapport_duckdb'")
+    # One spill directory per connection: DuckDB names its spill files alike in every process
+    # and deletes the directory it created when it closes, so a shared directory let
+    # concurrent Rapport processes read each other's spill files or lose theirs mid-query.
+    spill = Path(tempfile.gettempdir()) / f"rapport_duckdb_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    con.execute(f"SET temp_directory = '{spill}'")
     return con
 
 

@@ -302,3 +302,15 @@ def test_result_is_an_ordinary_writeable_frame(tiny_tx, tiny_ix):
     feats.loc[0, "n_purchases"] = 99
     feats.iloc[0, feats.columns.get_loc("total_spend")] = 1.5
     assert feats.loc[0, "n_purchases"] == 99
+
+
+def test_connections_spill_to_their_own_directory():
+    # A shared spill directory let concurrent processes read each other's DuckDB temp files.
+    from rapport.features.build import connect
+
+    with connect() as a, connect() as b:
+        dirs = [
+            con.execute("SELECT current_setting('temp_directory')").fetchone()[0]  # type: ignore[index]
+            for con in (a, b)
+        ]
+    assert dirs[0] != dirs[1]
