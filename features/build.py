@@ -6,8 +6,11 @@ registers them with an embedded DuckDB connection, runs the queries and hands ba
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import os
 import tempfile
+import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from typing import Any
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from rapport.features import definitions as defs
 from rapport.features.contracts import (
@@ -89,7 +93,11 @@ def connect(
     # DuckDB defaults to 80% of RAM; a fixed budget makes big aggregations spill to disk
     # instead, so peak memory stays bounded whatever the input size.
     con.execute(f"SET memory_limit = '{memory_limit or DEFAULT_MEMORY_LIMIT}'")
-    con.execute(f"SET temp_directory = '{tempfile.gettempdir()}/rapport_duckdb'")
+    # One spill directory per connection: DuckDB names its spill files alike in every process
+    # and deletes the directory it created when it closes, so a shared directory let
+    # concurrent Rapport processes read each other's spill files or lose theirs mid-query.
+    spill = Path(tempfile.gettempdir()) / f"rapport_duckdb_{os.getpid()}_{uuid.uuid4().hex[:12]}"
+    con.execute(f"SET temp_directory = '{spill}'")
     return con
 
 
@@ -167,7 +175,13 @@ def _run(
     tx: Input,
     ix: Input | None = None,
     connection: duckdb.DuckDBPyConnection | None = None,
+    sort: bool = False,
 ) -> pd.DataFrame:
+    """Run one query; with ``sort`` order the result by ``as_of`` then ``customer_id`` here.
+
+    Sorting the Arrow result costs about as much CPU as an ``ORDER BY`` over the wide rows in
+    DuckDB, but that one ran past the memory budget and spilled to disk on large results.
+    """
     con = connection or connect()
     _bind(con, "tx", "transactions", tx)
     if ix is not None:
@@ -177,7 +191,10 @@ def _run(
         {"dates": [d.isoformat() for d in cutoffs]},
     )
     try:
-        out = con.execute(sql).fetch_df()
+        result = con.execute(sql)
+        # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
+        fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+        table = fetch()
     finally:
         _unbind(con, "tx", tx)
         if ix is not None:
@@ -185,8 +202,12 @@ def _run(
         con.execute("DROP TABLE IF EXISTS cutoffs")
         if connection is None:
             con.close()
-    out["as_of"] = pd.to_datetime(out["as_of"]).astype("datetime64[us]")
-    return out
+    if sort:
+        table = table.sort_by([("as_of", "ascending"), ("customer_id", "ascending")])
+    as_of = table.schema.get_field_index("as_of")
+    table = table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
+    # Arrow buffers are released column by column as pandas gets its (writeable) copy.
+    return table.to_pandas(self_destruct=True)
 
 
 def build_features(
@@ -253,16 +274,29 @@ def build_features(
         if not pairs:
             ix = None
     spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
-    sql = defs.features_sql(spec)
     # Cutoffs go in small batches: each batch shares one scan of the events, while DuckDB's
     # hash tables (one group per customer and cutoff) stay a few cutoffs deep.
     batches = [cutoffs[i : i + cutoff_batch] for i in range(0, len(cutoffs), cutoff_batch)]
-    parts = [_run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection) for b in batches]
+    try:
+        sql = defs.features_sql(spec, ordered=False)
+        parts = [
+            _run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection, sort=True) for b in batches
+        ]
+    except (duckdb.ConversionException, duckdb.OutOfRangeException):
+        # A window count too large for its packed field (over 2 million events of one kind for
+        # one customer): count every window in its own integer instead.
+        spec = dataclasses.replace(spec, pack_counts=False)
+        sql = defs.features_sql(spec, ordered=False)
+        parts = [
+            _run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection, sort=True) for b in batches
+        ]
     out = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
     out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
     if "preferred_channel" in out.columns:
         out["preferred_channel"] = out["preferred_channel"].astype("string")
-    return out[defs.feature_columns(spec)]
+    columns = defs.feature_columns(spec)
+    # the query already returns them in this order: selecting would copy every column
+    return out if list(out.columns) == columns else out[columns]
 
 
 def build_labels(

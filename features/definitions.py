@@ -1,7 +1,8 @@
 """Every feature and label definition, in one place, as SQL.
 
-The queries are written in DuckDB's dialect with only portable constructs (``FILTER``
-clauses, ``LAG``/``PERCENT_RANK`` windows, ``DATE_DIFF``, ``CASE``), so that sqlglot can
+The queries are written in DuckDB's dialect with only portable constructs (``CASE`` inside
+aggregates, ``LAG``/``PERCENT_RANK``/``SUM`` windows, ``DATE_DIFF``, integer ``//`` and ``%``),
+so that sqlglot can
 transpile the very same definitions for a distributed engine (see :func:`transpile`). They read
 three relations that the engine registers:
 
@@ -13,9 +14,12 @@ three relations that the engine registers:
     ``as_of`` (``DATE``); a date cutoff includes that whole day.
 
 Speed comes from shape, not from one scan per window: transactions are first rolled up to one
-row per customer and day, and every window is a conditional aggregate (``FILTER``) evaluated in
-a single pass over that roll-up. Several cutoffs share the roll-up, so a 12-cutoff training set
-costs far less than twelve one-cutoff runs.
+row per customer and day, and every window is a conditional aggregate evaluated in a single pass
+over that roll-up. In a hash aggregate each aggregate costs time per input row, so there are as
+few as possible: counts of nested windows share one BIGINT (:func:`_window_groups`), the
+interaction pivot picks one packed integer per (channel, event) pair, and the R and F scores
+rank a histogram of their values instead of sorting every customer. Several cutoffs share the
+roll-up, so a 12-cutoff training set costs far less than twelve one-cutoff runs.
 
 Definitions (``d`` is a day, ``c`` the cutoff date, a "purchase" a transaction row with
 ``amount >= 0``; refunds are negative rows: they count in spend but never as purchases):
@@ -101,10 +105,15 @@ class FeatureSpec:
         ``(channel, event)`` pairs to count, lower case. A trained model pins these so that
         serving computes exactly the training columns; build functions discover them from the
         data when not given.
+    pack_counts
+        Pack the counts of up to three windows into one BIGINT (fewer aggregates, same
+        values). A count over ``2**21`` makes DuckDB refuse the query (never a wrong value);
+        ``build_features`` then reruns with ``False``.
     """
 
     windows: tuple[int, ...] = DEFAULT_WINDOWS
     interaction_pairs: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    pack_counts: bool = True
 
     def __post_init__(self) -> None:
         if not self.windows:
@@ -188,6 +197,50 @@ def feature_columns(spec: FeatureSpec) -> list[str]:
     ]
 
 
+#: Bits per counter when several window counts share one BIGINT (three per BIGINT).
+PACK_BITS = 21
+_PACK_WIDTH = 63 // PACK_BITS
+
+
+def _chunks(items: Sequence[int], size: int) -> list[tuple[int, ...]]:
+    return [tuple(items[i : i + size]) for i in range(0, len(items), size)]
+
+
+def _window_groups(spec: FeatureSpec) -> list[tuple[int, ...]]:
+    """Windows grouped so that one BIGINT sum carries the counts of a whole group.
+
+    Counts of *nested* ranges (``(c - W, c]`` for growing ``W``) share one integer,
+    ``PACK_BITS`` bits per count, the longest range always in the top bits (see
+    :func:`_shift`). Every count is at most the top one, so the packing is exact whenever the
+    top count fits; one that does not fit overflows the BIGINT, which DuckDB refuses loudly
+    (the engine then reruns with ``FeatureSpec(pack_counts=False)``: one count per integer).
+    Packing turns one aggregate per window into one per group of three windows.
+    """
+    return _chunks(spec.windows, _PACK_WIDTH if spec.pack_counts else 1)
+
+
+def _shift(j: int, n: int) -> int:
+    """Bit offset of field ``j`` of ``n``: the last field (the largest count) goes on top."""
+    return PACK_BITS * (_PACK_WIDTH - 1) if j == n - 1 and n > 1 else PACK_BITS * j
+
+
+def _packed(terms: Sequence[str]) -> str:
+    """``terms`` (0/1 or count expressions) packed into one integer, ``PACK_BITS`` apart."""
+    n = len(terms)
+    return " + ".join(
+        t if _shift(j, n) == 0 else f"{t} * {1 << _shift(j, n)}" for j, t in enumerate(terms)
+    )
+
+
+def _field(packed: str, j: int, n: int) -> str:
+    """Field ``j`` of ``n`` packed with :func:`_packed` (portable: integer division, modulo)."""
+    if n == 1:
+        return packed
+    shift = _shift(j, n)
+    shifted = packed if shift == 0 else f"({packed} // {1 << shift})"
+    return shifted if j == n - 1 else f"({shifted} % {1 << PACK_BITS})"
+
+
 def _daily_sql(horizon_days: int = 0) -> str:
     """Transactions rolled up to one row per customer and purchase-or-refund day.
 
@@ -201,16 +254,21 @@ def _daily_sql(horizon_days: int = 0) -> str:
             customer_id,
             CAST(timestamp AS DATE) AS day,
             SUM(amount) AS spend,
-            COUNT(*) FILTER (WHERE amount >= 0) AS n_orders,
-            SUM(amount) FILTER (WHERE amount >= 0) AS order_spend,
-            SUM(amount * amount) FILTER (WHERE amount >= 0) AS order_spend_sq
+            SUM(CASE WHEN amount >= 0 THEN 1 ELSE 0 END) AS n_orders,
+            SUM(CASE WHEN amount >= 0 THEN amount ELSE 0.0 END) AS order_spend,
+            SUM(CASE WHEN amount >= 0 THEN amount * amount ELSE 0.0 END) AS order_spend_sq
         FROM tx
         WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs) + {int(horizon_days)}
         GROUP BY customer_id, CAST(timestamp AS DATE)
     ),
     tx_days AS (
         SELECT
-            *,
+            customer_id,
+            day,
+            spend,
+            CAST(n_orders AS BIGINT) AS n_orders,
+            order_spend,
+            order_spend_sq,
             CASE WHEN n_orders > 0 THEN
                 DATE_DIFF('day', LAG(day) OVER (
                     PARTITION BY customer_id, n_orders > 0 ORDER BY day), day)
@@ -227,40 +285,44 @@ def _trend(now: str, before: str) -> str:
 
 
 def _transaction_sql(spec: FeatureSpec) -> str:
-    window_aggs = []
+    # Purchase counts of the nested ranges (c - W, c] and (c - 2W, c] are packed (see
+    # _window_groups); "before" counts are the difference. Spend sums stay one per range.
+    aggs = []
+    for g, group in enumerate(_window_groups(spec)):
+        for kind, span in (("now", 1), ("two", 2)):
+            terms = [
+                f"CASE WHEN d.day > c.as_of - {span * w} THEN d.n_orders ELSE 0 END" for w in group
+            ]
+            aggs.append(f"CAST(SUM({_packed(terms)}) AS BIGINT) AS _purchases_{kind}_{g}")
     for w in spec.windows:
         now = f"d.day > c.as_of - {w}"
         before = f"d.day > c.as_of - {2 * w} AND d.day <= c.as_of - {w}"
-        window_aggs += [
-            f"CAST(COALESCE(SUM(d.n_orders) FILTER (WHERE {now}), 0) AS BIGINT) AS purchases_{w}d",
-            f"ROUND(COALESCE(SUM(d.spend) FILTER (WHERE {now}), 0.0), 6) AS spend_{w}d",
-            f"COALESCE(SUM(d.n_orders) FILTER (WHERE {before}), 0) AS _purchases_before_{w}d",
-            f"ROUND(COALESCE(SUM(d.spend) FILTER (WHERE {before}), 0.0), 6) AS _spend_before_{w}d",
+        aggs += [
+            f"ROUND(SUM(CASE WHEN {now} THEN d.spend ELSE 0.0 END), 6) AS spend_{w}d",
+            f"ROUND(SUM(CASE WHEN {before} THEN d.spend ELSE 0.0 END), 6) AS _spend_before_{w}d",
         ]
-    windows = ",\n            ".join(window_aggs)
+    windows = ",\n            ".join(aggs)
     return f"""
     tx_agg AS (
         SELECT
             d.customer_id,
             c.as_of,
-            MIN(d.day) FILTER (WHERE d.n_orders > 0) AS first_day,
-            MAX(d.day) FILTER (WHERE d.n_orders > 0) AS last_day,
-            COUNT(*) FILTER (WHERE d.n_orders > 0) AS n_purchase_days,
+            MIN(CASE WHEN d.n_orders > 0 THEN d.day END) AS first_day,
+            MAX(CASE WHEN d.n_orders > 0 THEN d.day END) AS last_day,
+            SUM(CASE WHEN d.n_orders > 0 THEN 1 ELSE 0 END) AS n_purchase_days,
             CAST(SUM(d.n_orders) AS BIGINT) AS n_purchases,
             -- Sums are rounded to 1e-6: DuckDB adds floats in parallel, in no fixed order, and
             -- the last bits must not flip a trend's sign or a tie in the spend score.
             ROUND(SUM(d.spend), 6) AS total_spend,
-            ROUND(SUM(d.spend) FILTER (WHERE d.n_orders > 0 AND d.gap IS NOT NULL), 6)
-                AS repeat_spend,
+            ROUND(SUM(CASE WHEN d.gap IS NOT NULL THEN d.spend ELSE 0.0 END), 6) AS repeat_spend,
             ROUND(SUM(d.order_spend), 6) AS order_spend,
             SUM(d.order_spend_sq) AS order_spend_sq,
-            SUM(d.gap) AS gap_sum,
             SUM(d.gap * d.gap) AS gap_sq,
             {windows}
         FROM tx_days AS d
         JOIN cutoffs AS c ON d.day <= c.as_of
         GROUP BY d.customer_id, c.as_of
-        HAVING COUNT(*) FILTER (WHERE d.n_orders > 0) > 0
+        HAVING MAX(d.n_orders) > 0
     ),
     tx_feat AS (
         SELECT
@@ -274,16 +336,19 @@ def _transaction_sql(spec: FeatureSpec) -> str:
             DATE_DIFF('day', last_day, as_of) AS recency_days,
             DATE_DIFF('day', first_day, as_of) AS tenure_days,
             n_purchases,
-            n_purchase_days,
+            CAST(n_purchase_days AS BIGINT) AS n_purchase_days,
             total_spend,
             order_spend / n_purchases AS avg_order_value,
             CASE WHEN n_purchases > 1 THEN SQRT(GREATEST(0.0,
                 (order_spend_sq - order_spend * order_spend / n_purchases) / (n_purchases - 1)))
             END AS spend_std,
+            -- consecutive gaps add up to last - first: only their squares need LAG
             CASE WHEN n_purchase_days > 1
-                 THEN CAST(gap_sum AS DOUBLE) / (n_purchase_days - 1) END AS ipt_mean_days,
+                 THEN CAST(DATE_DIFF('day', first_day, last_day) AS DOUBLE)
+                      / (n_purchase_days - 1) END AS ipt_mean_days,
             CASE WHEN n_purchase_days > 2 THEN SQRT(GREATEST(0.0,
-                (gap_sq - CAST(gap_sum AS DOUBLE) * gap_sum / (n_purchase_days - 1))
+                (gap_sq - CAST(DATE_DIFF('day', first_day, last_day) AS DOUBLE)
+                          * DATE_DIFF('day', first_day, last_day) / (n_purchase_days - 1))
                 / (n_purchase_days - 2)))
             END AS ipt_std_days,
             {_window_outputs(spec)}
@@ -293,23 +358,25 @@ def _transaction_sql(spec: FeatureSpec) -> str:
 
 def _window_outputs(spec: FeatureSpec) -> str:
     outs = []
-    for w in spec.windows:
-        outs += [
-            f"purchases_{w}d",
-            f"spend_{w}d",
-            f"{_trend(f'CAST(purchases_{w}d AS DOUBLE)', f'_purchases_before_{w}d')}"
-            f" AS purchases_trend_{w}d",
-            f"{_trend(f'spend_{w}d', f'_spend_before_{w}d')} AS spend_trend_{w}d",
-        ]
+    for g, group in enumerate(_window_groups(spec)):
+        for j, w in enumerate(group):
+            now = _field(f"_purchases_now_{g}", j, len(group))
+            two = _field(f"_purchases_two_{g}", j, len(group))
+            outs += [
+                f"{now} AS purchases_{w}d",
+                f"spend_{w}d",
+                f"{_trend(f'CAST({now} AS DOUBLE)', f'CAST({two} - {now} AS DOUBLE)')}"
+                f" AS purchases_trend_{w}d",
+                f"{_trend(f'spend_{w}d', f'_spend_before_{w}d')} AS spend_trend_{w}d",
+            ]
     return ",\n            ".join(outs)
 
 
 def _interaction_sql(spec: FeatureSpec) -> str:
-    # Two levels: count per (customer, cutoff, channel, event) first, then pivot the far
-    # smaller result into columns; the raw events are scanned once, with one filter per window.
+    # Two levels: count per (customer, cutoff, channel, event) first, window counts packed into
+    # one integer per group of windows, then pivot the far smaller result into a few columns
+    # per pair; response and complaint counts are sums of the same packed integers.
     non_response = ", ".join(_quote(e) for e in (*OUTBOUND_EVENTS, COMPLAINT_EVENT))
-    is_response = "p.is_response"
-    is_complaint = "p.is_complaint"
     pair_id = {pair: k for k, pair in enumerate(spec.interaction_pairs)}
     channel_id = {ch: k for k, ch in enumerate(spec.channels)}
     pair_case = " ".join(
@@ -317,38 +384,40 @@ def _interaction_sql(spec: FeatureSpec) -> str:
         for (c, e), k in pair_id.items()
     )
     channel_case = " ".join(f"WHEN channel = {_quote(ch)} THEN {k}" for ch, k in channel_id.items())
+    groups = _window_groups(spec)
     counts = ",\n            ".join(
-        f"COUNT(*) FILTER (WHERE i.day > c.as_of - {w}) AS n_{w}d" for w in spec.windows
+        "SUM({}) AS n_{}".format(
+            _packed([f"CASE WHEN i.day > c.as_of - {w} THEN 1 ELSE 0 END" for w in group]), g
+        )
+        for g, group in enumerate(groups)
     )
     aggs = []
-    for c, e in spec.interaction_pairs:
-        for w in spec.windows:
+    for k in pair_id.values():
+        for g in range(len(groups)):
+            # one row per (customer, cutoff, pair): MAX picks it
+            aggs.append(f"MAX(CASE WHEN p.pair_id = {k} THEN p.n_{g} END) AS _pair_{k}_{g}")
+    for k in channel_id.values():
+        aggs.append(f"MAX(CASE WHEN p.channel_id = {k} THEN p.last_day END) AS _last_channel_{k}")
+    for kind in ("response", "complaint"):
+        flag = f"p.is_{kind}"
+        for g in range(len(groups)):
             aggs.append(
-                f"SUM(p.n_{w}d) FILTER (WHERE p.pair_id = {pair_id[(c, e)]})"
-                f" AS {column_fragment(c)}_{event_plural(e)}_{w}d"
+                f"CAST(SUM(CASE WHEN {flag} THEN p.n_{g} ELSE 0 END) AS BIGINT) AS _{kind}s_{g}"
             )
-    for ch in spec.channels:
-        on_channel = f"p.channel_id = {channel_id[ch]}"
-        aggs.append(
-            f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {on_channel}), p.as_of)"
-            f" AS days_since_{column_fragment(ch)}"
-        )
-        aggs.append(
-            f"SUM(p.n_{spec.longest}d) FILTER (WHERE {on_channel} AND {is_response})"
-            f" AS _responses_{column_fragment(ch)}"
-        )
-    for w in spec.windows:
-        aggs.append(f"SUM(p.n_{w}d) FILTER (WHERE {is_response}) AS responses_{w}d")
-    aggs.append(
-        f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {is_response}), p.as_of)"
-        " AS days_since_response"
-    )
-    for w in spec.windows:
-        aggs.append(f"SUM(p.n_{w}d) FILTER (WHERE {is_complaint}) AS complaints_{w}d")
-    aggs.append(
-        f"DATE_DIFF('day', MAX(p.last_day) FILTER (WHERE {is_complaint}), p.as_of)"
-        " AS days_since_complaint"
-    )
+        aggs.append(f"MAX(CASE WHEN {flag} THEN p.last_day END) AS _last_{kind}")
+    # responses per channel in the longest window, packed side by side: each is at most the
+    # customer's responses in that window, which the packed counts above already bound
+    longest = f"p.n_{len(groups) - 1}"
+    if spec.pack_counts:
+        longest = _field(longest, len(groups[-1]) - 1, len(groups[-1]))
+    for g, chans in enumerate(
+        _chunks(list(range(len(channel_id))), _PACK_WIDTH if spec.pack_counts else 1)
+    ):
+        terms = [
+            f"CASE WHEN p.channel_id = {k} AND p.is_response THEN {longest} ELSE 0 END"
+            for k in chans
+        ]
+        aggs.append(f"CAST(SUM({_packed(terms)}) AS BIGINT) AS _channel_responses_{g}")
     body = ",\n            ".join(aggs)
     return f"""
     ix_days AS (
@@ -369,10 +438,13 @@ def _interaction_sql(spec: FeatureSpec) -> str:
         GROUP BY i.customer_id, c.as_of, i.channel, i.event
     ),
     ix_coded AS (
-        -- Small integer codes once per (customer, channel, event) row, so that the pivot's
-        -- dozens of filters compare integers rather than strings.
+        -- Small integer codes once per (customer, channel, event) row, so that the pivot
+        -- compares integers rather than strings.
         SELECT
-            *,
+            customer_id,
+            as_of,
+            {", ".join(f"CAST(n_{g} AS BIGINT) AS n_{g}" for g in range(len(groups)))},
+            last_day,
             CASE {pair_case} END AS pair_id,
             CASE {channel_case} END AS channel_id,
             event NOT IN ({non_response}) AS is_response,
@@ -392,25 +464,45 @@ def _interaction_sql(spec: FeatureSpec) -> str:
 def _interaction_outputs(spec: FeatureSpec) -> list[str]:
     """Select-list entries turning ``ix_feat`` columns into the final interaction features."""
     pairs = set(spec.interaction_pairs)
+    groups = _window_groups(spec)
+    where = {w: (g, j, len(group)) for g, group in enumerate(groups) for j, w in enumerate(group)}
+
+    def count(packed_prefix: str, w: int) -> str:
+        g, j, n = where[w]
+        return _field(f"COALESCE(x.{packed_prefix}_{g}, 0)", j, n)
+
     outs = []
-    for col in interaction_feature_columns(spec):
-        if col.startswith("days_since_") or col == "preferred_channel" or "_rate_" in col:
-            continue
-        outs.append(f"CAST(COALESCE(x.{col}, 0) AS BIGINT) AS {col}")
-    since = [f"days_since_{column_fragment(ch)}" for ch in spec.channels]
-    # DOUBLE so that "never" is NaN, as in every other missing feature
-    outs += [f"CAST(x.{c} AS DOUBLE) AS {c}" for c in [*since, "days_since_response"]]
-    outs += ["CAST(x.days_since_complaint AS DOUBLE) AS days_since_complaint"]
+    for k, (c, e) in enumerate(spec.interaction_pairs):
+        for w in spec.windows:
+            outs.append(f"{count(f'_pair_{k}', w)} AS {column_fragment(c)}_{event_plural(e)}_{w}d")
+    for k, ch in enumerate(spec.channels):
+        # DOUBLE so that "never" is NaN, as in every other missing feature
+        outs.append(
+            f"CAST(DATE_DIFF('day', x._last_channel_{k}, t.as_of) AS DOUBLE)"
+            f" AS days_since_{column_fragment(ch)}"
+        )
+    for kind in ("response", "complaint"):
+        outs += [f"{count(f'_{kind}s', w)} AS {kind}s_{w}d" for w in spec.windows]
+        outs.append(
+            f"CAST(DATE_DIFF('day', x._last_{kind}, t.as_of) AS DOUBLE) AS days_since_{kind}"
+        )
     if ("email", "sent") in pairs:
-        sends = f"x.email_sends_{spec.longest}d"
+        k_sent = spec.interaction_pairs.index(("email", "sent"))
+        sends = count(f"_pair_{k_sent}", spec.longest)
         for event in ("open", "click"):
             if ("email", event) in pairs:
+                k = spec.interaction_pairs.index(("email", event))
+                opened = count(f"_pair_{k}", spec.longest)
                 outs.append(
-                    f"CASE WHEN {sends} > 0 THEN CAST(COALESCE("
-                    f"x.email_{event_plural(event)}_{spec.longest}d, 0) AS DOUBLE) / {sends} END"
+                    f"CASE WHEN {sends} > 0 THEN CAST({opened} AS DOUBLE) / {sends} END"
                     f" AS email_{event}_rate_{spec.longest}d"
                 )
-    responses = [f"COALESCE(x._responses_{column_fragment(ch)}, 0)" for ch in spec.channels]
+    width = _PACK_WIDTH if spec.pack_counts else 1
+    responses = []
+    for k in range(len(spec.channels)):
+        g, j = divmod(k, width)
+        n = min(width, len(spec.channels) - g * width)
+        responses.append(_field(f"COALESCE(x._channel_responses_{g}, 0)", j, n))
     best = f"GREATEST({', '.join(responses)})" if len(responses) > 1 else responses[0]
     whens = " ".join(
         f"WHEN {r} = {best} THEN {_quote(ch)}"
@@ -420,16 +512,42 @@ def _interaction_outputs(spec: FeatureSpec) -> list[str]:
     return outs
 
 
-def _score(column: str, *, descending: bool) -> str:
-    rank = f"PERCENT_RANK() OVER (PARTITION BY as_of ORDER BY {column})"
-    bucket = f"LEAST(4, CAST(FLOOR(5 * {rank}) AS INTEGER))"
+def _bucket(percent_rank: str, *, descending: bool) -> str:
+    bucket = f"LEAST(4, CAST(FLOOR(5 * {percent_rank}) AS INTEGER))"
     return f"5 - {bucket}" if descending else f"1 + {bucket}"
 
 
-def features_sql(spec: FeatureSpec) -> str:
+def _score_lookup(name: str, column: str, *, descending: bool) -> str:
+    """``(as_of, value, score)`` for a column with few distinct values (days, day counts).
+
+    ``PERCENT_RANK`` is ``(rank - 1) / (n - 1)`` with ``rank - 1`` the number of smaller
+    values: computed on the histogram of the values rather than by sorting every customer.
+    """
+    rank = "CASE WHEN n > 1 THEN CAST(below AS DOUBLE) / (n - 1) ELSE 0.0 END"
+    return f"""
+    {name}_hist AS (
+        SELECT as_of, {column} AS value, COUNT(*) AS cnt
+        FROM tx_feat
+        GROUP BY as_of, {column}
+    ),
+    {name} AS (
+        SELECT as_of, value, {_bucket(rank, descending=descending)} AS score
+        FROM (
+            SELECT
+                as_of,
+                value,
+                SUM(cnt) OVER (PARTITION BY as_of ORDER BY value) - cnt AS below,
+                SUM(cnt) OVER (PARTITION BY as_of) AS n
+            FROM {name}_hist
+        ) AS h
+    )"""
+
+
+def features_sql(spec: FeatureSpec, *, ordered: bool = True) -> str:
     """The whole feature query: one row per (customer with a purchase by ``as_of``, ``as_of``).
 
-    Columns are :func:`feature_columns` (``spec``), ordered by ``as_of`` then ``customer_id``.
+    Columns are :func:`feature_columns` (``spec``), ordered by ``as_of`` then ``customer_id``
+    (unordered with ``ordered=False``, for a caller that sorts the result itself).
     """
     ctes = [_daily_sql(), _transaction_sql(spec)]
     tx_cols = [f"t.{c}" for c in transaction_feature_columns(spec)]
@@ -439,40 +557,50 @@ def features_sql(spec: FeatureSpec) -> str:
         ctes.append(_interaction_sql(spec))
         select += _interaction_outputs(spec)
         join = "LEFT JOIN ix_feat AS x ON x.customer_id = t.customer_id AND x.as_of = t.as_of"
+    select += ["s.r_score", "s.f_score", "s.m_score"]
     body = ",\n        ".join(select)
+    ctes.append(_score_lookup("r_scores", "recency_days", descending=True))
+    ctes.append(_score_lookup("f_scores", "n_purchase_days", descending=False))
+    m_score = _bucket(
+        "PERCENT_RANK() OVER (PARTITION BY t.as_of ORDER BY t.total_spend)", descending=False
+    )
+    # Each lookup joins a two-relation tree (a window or a subquery in between), so that no
+    # optimiser can pair the lookups with each other on as_of alone.
     ctes.append(f"""
-    joined AS (
+    scores AS (
+        -- Ranked on a narrow projection: windows over the wide feature rows cost 10x more.
+        SELECT w.customer_id, w.as_of, w.r_score, f.score AS f_score, w.m_score
+        FROM (
+            SELECT
+                t.customer_id,
+                t.as_of,
+                t.n_purchase_days,
+                r.score AS r_score,
+                {m_score} AS m_score
+            FROM tx_feat AS t
+            JOIN r_scores AS r ON r.as_of = t.as_of AND r.value = t.recency_days
+        ) AS w
+        JOIN f_scores AS f ON f.as_of = w.as_of AND f.value = w.n_purchase_days
+    ),
+    scored AS (
         SELECT
         {body}
         FROM tx_feat AS t
+        JOIN scores AS s ON s.customer_id = t.customer_id AND s.as_of = t.as_of
         {join}
-    ),
-    scores AS (
-        -- Ranked on a narrow projection: windows over the wide feature rows cost 10x more.
-        SELECT
-            customer_id,
-            as_of,
-            {_score("recency_days", descending=True)} AS r_score,
-            {_score("n_purchase_days", descending=False)} AS f_score,
-            {_score("total_spend", descending=False)} AS m_score
-        FROM tx_feat
-    ),
-    scored AS (
-        SELECT j.*, s.r_score, s.f_score, s.m_score
-        FROM joined AS j
-        JOIN scores AS s ON s.customer_id = j.customer_id AND s.as_of = j.as_of
     )""")
+    fm = "CAST(CEIL((f_score + m_score) / 2.0) AS INTEGER)"
+    order = "ORDER BY as_of, customer_id" if ordered else ""
     return (
         "WITH"
         + ",".join(ctes)
         + f"""
     SELECT
         *,
-        CAST(CEIL((f_score + m_score) / 2.0) AS INTEGER) AS fm_score,
-        {segment_case_sql("r_score", "CAST(CEIL((f_score + m_score) / 2.0) AS INTEGER)")}
-            AS segment
+        {fm} AS fm_score,
+        {segment_case_sql("r_score", fm)} AS segment
     FROM scored
-    ORDER BY as_of, customer_id
+    {order}
     """
     )
 

@@ -254,3 +254,63 @@ def test_trusted_parquet_fast_path_equals_frames(tmp_path, tiny_tx, tiny_ix):
     pd.testing.assert_frame_equal(framed, scanned, check_dtype=False)
     labels = build_labels(tmp_path / "tx.parquet", as_of=AS_OF, horizon_days=10, validate=False)
     assert labels["churned_10d"].tolist() == [True, False]
+
+
+def test_packed_counts_overflow_falls_back_to_exact_counts(monkeypatch):
+    # With 9-bit packed fields, 600 events in a window overflow the packed BIGINT: DuckDB must
+    # refuse it and build_features must rerun unpacked, giving the exact counts.
+    import duckdb
+
+    from rapport.features import definitions as defs
+    from rapport.features.build import connect
+
+    start = pd.Timestamp("2024-02-20")
+    stamps = [start + pd.Timedelta(minutes=m) for m in range(600)]
+    tx = pd.DataFrame(
+        {
+            "customer_id": ["A"] * 600 + ["B"],
+            "timestamp": [*stamps, start],
+            "amount": [1.0] * 601,
+        }
+    )
+    ix = pd.DataFrame(
+        {
+            "customer_id": ["A"] * 600 + ["B"],
+            "timestamp": [*stamps, start],
+            "channel": "email",
+            "event": ["open"] * 600 + ["sent"],
+        }
+    )
+    expected = build_features(tx, ix, as_of=AS_OF)
+    monkeypatch.setattr(defs, "PACK_BITS", 9)
+    monkeypatch.setattr(defs, "_PACK_WIDTH", 7)
+    spec = FeatureSpec(interaction_pairs=(("email", "open"), ("email", "sent")))
+    with connect() as con, pytest.raises((duckdb.ConversionException, duckdb.OutOfRangeException)):
+        con.register("tx", tx)
+        con.register("ix", ix)
+        con.execute(f"CREATE TABLE cutoffs AS SELECT DATE '{AS_OF}' AS as_of")
+        con.execute(features_sql(spec)).fetchall()
+    feats = build_features(tx, ix, as_of=AS_OF)
+    pd.testing.assert_frame_equal(feats, expected)
+    assert row(feats, "A")["purchases_30d"] == 600
+    assert row(feats, "A")["email_opens_30d"] == 600
+    assert row(feats, "A")["responses_365d"] == 600
+
+
+def test_result_is_an_ordinary_writeable_frame(tiny_tx, tiny_ix):
+    feats = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+    feats.loc[0, "n_purchases"] = 99
+    feats.iloc[0, feats.columns.get_loc("total_spend")] = 1.5
+    assert feats.loc[0, "n_purchases"] == 99
+
+
+def test_connections_spill_to_their_own_directory():
+    # A shared spill directory let concurrent processes read each other's DuckDB temp files.
+    from rapport.features.build import connect
+
+    with connect() as a, connect() as b:
+        dirs = [
+            con.execute("SELECT current_setting('temp_directory')").fetchone()[0]  # type: ignore[index]
+            for con in (a, b)
+        ]
+    assert dirs[0] != dirs[1]
