@@ -209,3 +209,13 @@ def test_evaluate_registered_scores_a_named_version(
     expected = first_run.metrics.loc["lightgbm", "roc_auc"]
     assert table.loc["registered", "roc_auc"] == pytest.approx(expected, abs=1e-12)
     assert isinstance(table, pd.DataFrame)
+
+
+def test_frame_digest_tracks_content_past_mlflows_first_10000_rows() -> None:
+    frame = pd.DataFrame({"customer_id": np.arange(20_000), "spend": np.linspace(0, 1, 20_000)})
+    digest = pipeline.frame_digest(frame)
+    assert digest == pipeline.frame_digest(frame.copy())
+    changed = frame.copy()
+    changed.loc[15_000, "spend"] += 1.0  # beyond the rows MLflow's own digest looks at
+    assert pipeline.frame_digest(changed) != digest
+    assert pipeline.frame_digest(frame.rename(columns={"spend": "spend_90d"})) != digest
