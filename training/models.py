@@ -209,7 +209,8 @@ def _lgb_params(
         if unknown:
             raise FeatureSchemaError(f"monotone constraint on unknown features: {unknown}")
         params["monotone_constraints"] = [config.monotone.get(n, 0) for n in feature_names]
-        params.setdefault("monotone_constraints_method", "advanced")
+        # "advanced" splits more precisely but cost noticeably more per tree at scale.
+        params.setdefault("monotone_constraints_method", "intermediate")
     return params
 
 
@@ -221,9 +222,10 @@ def _train_booster(
     x_valid: pd.DataFrame,
     y_valid: np.ndarray,
     weight: np.ndarray | None = None,
+    valid_weight: np.ndarray | None = None,
 ) -> lgb.Booster:
     train_set = lgb.Dataset(x_train, y_train, weight=weight, free_raw_data=True)
-    valid_set = lgb.Dataset(x_valid, y_valid, reference=train_set)
+    valid_set = lgb.Dataset(x_valid, y_valid, weight=valid_weight, reference=train_set)
     return lgb.train(
         params,
         train_set,
@@ -337,18 +339,24 @@ class ChurnModel(_BaseModel):
         y_train = _binary_label(train, label)
         y_valid = _binary_label(valid, label)
         self._fit_inputs(train)
-        weight = None
+        weight = valid_weight = None
         if self.config.balance_classes:
             rate = y_train.mean()
             weight = np.where(y_train == 1, 0.5 / rate, 0.5 / (1 - rate))
+            # Validation is weighed the same way, so early stopping judges the model on the
+            # loss it was trained on.
+            valid_weight = np.where(y_valid == 1, 0.5 / rate, 0.5 / (1 - rate))
+        # Early stopping on log loss: AUC sorts the whole validation set every round, which
+        # made each tree 2.6x as expensive at a million rows.
         self.booster_ = _train_booster(
             self.config,
-            _lgb_params(self.config, "binary", "auc", self.feature_names_),
+            _lgb_params(self.config, "binary", "binary_logloss", self.feature_names_),
             self.matrix(train),
             y_train,
             self.matrix(valid),
             y_valid,
             weight,
+            valid_weight,
         )
         self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
         self.calibrator_ = _Calibrator(self.config.calibration).fit(
