@@ -119,7 +119,7 @@ class ModelConfig(_Frozen):
     monotone: dict[str, int] = Field(default_factory=dict)
     #: Cap on training rows (a seeded random sample of the training cutoffs): a million
     #: customers at a dozen cutoffs is more rows than the model needs. ``null`` keeps all.
-    max_train_rows: int | None = Field(default=1_000_000, gt=0)
+    max_train_rows: int | None = Field(default=500_000, gt=0)
     #: Drop features by name (e.g. ones a data scientist found leaky or unstable).
     exclude_features: tuple[str, ...] = ()
     gate: GateConfig
