@@ -66,7 +66,7 @@ from rapport.features.contracts import DataValidationError, load_interactions, l
 from rapport.features.segments import SEGMENTS, segment_summary
 from rapport.features.synthetic import SyntheticConfig, write_synthetic
 from rapport.training import pipeline, plots, tracking
-from rapport.training.config import load_config
+from rapport.training.config import QUICK_OVERRIDES, load_config
 from rapport.training.datasets import build_training_set
 from rapport.training.models import BTYDFeatures
 from rapport.training.settings import TrainingSettings
@@ -255,14 +255,7 @@ display(
 # before train. No label of a training row looks past the validation cutoff's features.
 
 # %%
-FAST_OVERRIDES = {
-    "lightgbm.num_boost_round": 40,
-    "lightgbm.early_stopping_rounds": 10,
-    "lightgbm.params.learning_rate": 0.2,
-    "lightgbm.params.min_data_in_leaf": 20,
-    "lightgbm.params.num_leaves": 15,
-    "cutoffs.count": 5,
-}
+FAST_OVERRIDES = QUICK_OVERRIDES  # few small trees and cutoffs: a smoke run
 overrides = dict(FAST_OVERRIDES) if FAST else {}
 churn_config = load_config("churn", overrides)
 # A small or short world cannot hold 8 quarterly cutoffs plus a 365-day horizon.

@@ -146,6 +146,18 @@ class ModelConfig(_Frozen):
         return f"future_spend_{self.horizon_days}d"
 
 
+#: Overrides for a quick smoke run (few small trees, few cutoffs): tests, notebooks on small
+#: data, checking a pipeline end to end before a real training.
+QUICK_OVERRIDES: dict[str, Any] = {
+    "lightgbm.num_boost_round": 40,
+    "lightgbm.early_stopping_rounds": 10,
+    "lightgbm.params.learning_rate": 0.2,
+    "lightgbm.params.min_data_in_leaf": 20,
+    "lightgbm.params.num_leaves": 15,
+    "cutoffs.count": 5,
+}
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used, with the field that is wrong."""
 

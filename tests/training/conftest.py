@@ -7,18 +7,11 @@ import pandas as pd
 import pytest
 
 from rapport.features.synthetic import SyntheticConfig, write_synthetic
-from rapport.training.config import ModelConfig, load_config
+from rapport.training.config import QUICK_OVERRIDES, ModelConfig, load_config
 from rapport.training.pipeline import prepare_training_set, split_frame
 
 #: Few, small trees: the tests check behaviour and plumbing, not accuracy.
-FAST = {
-    "lightgbm.num_boost_round": 40,
-    "lightgbm.early_stopping_rounds": 10,
-    "lightgbm.params.learning_rate": 0.2,
-    "lightgbm.params.min_data_in_leaf": 20,
-    "lightgbm.params.num_leaves": 15,
-    "cutoffs.count": 5,
-}
+FAST = QUICK_OVERRIDES
 
 
 @pytest.fixture(scope="session")
