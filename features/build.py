@@ -11,7 +11,7 @@ import datetime as dt
 import os
 import tempfile
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from rapport.features import definitions as defs
 from rapport.features.contracts import (
@@ -263,6 +264,41 @@ def build_features(
         ``m_score``, ``fm_score`` and ``segment``. One row per customer whose first purchase
         is on or before the cutoff, ordered by ``as_of`` then ``customer_id``.
     """
+    parts = list(
+        iter_features(
+            transactions,
+            interactions,
+            as_of=as_of,
+            windows=windows,
+            interaction_pairs=interaction_pairs,
+            validate=validate,
+            cutoff_batch=cutoff_batch,
+            connection=connection,
+        )
+    )
+    if len(parts) == 1:
+        return parts[0]
+    out = pd.concat(parts, ignore_index=True)
+    # concat keeps the category dtype: every batch has the same fixed categories
+    return out
+
+
+def iter_features(
+    transactions: TableSource,
+    interactions: TableSource | None = None,
+    *,
+    as_of: CutoffsLike,
+    windows: Sequence[int] = defs.DEFAULT_WINDOWS,
+    interaction_pairs: Sequence[tuple[str, str]] | None = None,
+    validate: bool = True,
+    cutoff_batch: int = 4,
+    connection: duckdb.DuckDBPyConnection | None = None,
+) -> Iterator[pd.DataFrame]:
+    """:func:`build_features`, one batch of ``cutoff_batch`` cutoffs at a time.
+
+    The frames come in cutoff order, with the columns and dtypes of :func:`build_features`, so a
+    caller can write them out as they come and hold one batch in memory, not all of them.
+    """
     cutoffs = parse_cutoffs(as_of)
     tx = _table(transactions, "transactions", validate=validate)
     ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
@@ -274,29 +310,66 @@ def build_features(
         if not pairs:
             ix = None
     spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
+    columns = defs.feature_columns(spec)
     # Cutoffs go in small batches: each batch shares one scan of the events, while DuckDB's
     # hash tables (one group per customer and cutoff) stay a few cutoffs deep.
-    batches = [cutoffs[i : i + cutoff_batch] for i in range(0, len(cutoffs), cutoff_batch)]
+    for i in range(0, len(cutoffs), cutoff_batch):
+        batch = cutoffs[i : i + cutoff_batch]
+        try:
+            sql = defs.features_sql(spec, ordered=False)
+            out = _run(sql, cutoffs=batch, tx=tx, ix=ix, connection=connection, sort=True)
+        except (duckdb.ConversionException, duckdb.OutOfRangeException):
+            # A window count too large for its packed field (over 2 million events of one
+            # kind for one customer): count every window in its own integer instead.
+            unpacked = dataclasses.replace(spec, pack_counts=False)
+            sql = defs.features_sql(unpacked, ordered=False)
+            out = _run(sql, cutoffs=batch, tx=tx, ix=ix, connection=connection, sort=True)
+        out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
+        if "preferred_channel" in out.columns:
+            out["preferred_channel"] = out["preferred_channel"].astype("string")
+        # the query already returns them in this order: selecting would copy every column
+        yield out if list(out.columns) == columns else out[columns]
+
+
+def write_features(frames: Iterable[pd.DataFrame], out: Path) -> tuple[int, pd.DataFrame]:
+    """Stream feature batches into one Parquet file, atomically.
+
+    Parameters
+    ----------
+    frames
+        Batches from :func:`iter_features` (same columns and dtypes).
+    out
+        Target path; it appears only once every batch is written (a temporary file is
+        renamed), so a failure never leaves a partial file.
+
+    Returns
+    -------
+    (int, pandas.DataFrame)
+        Rows written, and the last batch (it holds the latest cutoff, for summaries).
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    rows = 0
+    last = pd.DataFrame()
+    writer: pq.ParquetWriter | None = None
     try:
-        sql = defs.features_sql(spec, ordered=False)
-        parts = [
-            _run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection, sort=True) for b in batches
-        ]
-    except (duckdb.ConversionException, duckdb.OutOfRangeException):
-        # A window count too large for its packed field (over 2 million events of one kind for
-        # one customer): count every window in its own integer instead.
-        spec = dataclasses.replace(spec, pack_counts=False)
-        sql = defs.features_sql(spec, ordered=False)
-        parts = [
-            _run(sql, cutoffs=b, tx=tx, ix=ix, connection=connection, sort=True) for b in batches
-        ]
-    out = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
-    out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
-    if "preferred_channel" in out.columns:
-        out["preferred_channel"] = out["preferred_channel"].astype("string")
-    columns = defs.feature_columns(spec)
-    # the query already returns them in this order: selecting would copy every column
-    return out if list(out.columns) == columns else out[columns]
+        for frame in frames:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += len(frame)
+            last = frame
+        if writer is None:
+            raise ValueError("no feature batches to write")
+        writer.close()
+        writer = None
+        os.replace(tmp, out)
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    return rows, last
 
 
 def build_labels(

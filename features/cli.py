@@ -21,7 +21,12 @@ from rich.console import Console
 from rich.table import Table
 
 from rapport.features import definitions as defs
-from rapport.features.build import build_features, build_labels, parse_cutoffs
+from rapport.features.build import (
+    build_labels,
+    iter_features,
+    parse_cutoffs,
+    write_features,
+)
 from rapport.features.contracts import DataValidationError, load_interactions, load_transactions
 from rapport.features.segments import segment_summary
 
@@ -70,8 +75,18 @@ def _windows(text: str) -> tuple[int, ...]:
         ) from err
 
 
-def print_feature_summary(features: pd.DataFrame, title: str = "Customers by segment") -> None:
-    """Print per-cutoff row counts and the segment table of the last cutoff."""
+def print_feature_summary(
+    features: pd.DataFrame,
+    title: str = "Customers by segment",
+    *,
+    total_rows: int | None = None,
+    n_cutoffs: int | None = None,
+) -> None:
+    """Print the segment table of the last cutoff and the size of the whole set.
+
+    ``features`` must hold the last cutoff's rows; ``total_rows`` and ``n_cutoffs`` describe the
+    whole set when only its last batch is at hand (streamed writes).
+    """
     summary = segment_summary(features)
     last = summary[summary["as_of"] == summary["as_of"].max()]
     table = Table(title=f"{title} as of {pd.Timestamp(last['as_of'].iloc[0]).date()}")
@@ -89,9 +104,10 @@ def print_feature_summary(features: pd.DataFrame, title: str = "Customers by seg
         )
     Console().print(table)
     counts = features.groupby("as_of").size()
+    rows = len(features) if total_rows is None else total_rows
     console.print(
-        f"{len(features):,} rows x {features.shape[1]} columns; "
-        f"{len(counts)} cutoff(s), {counts.iloc[-1]:,} customers at the last one"
+        f"{rows:,} rows x {features.shape[1]} columns; "
+        f"{n_cutoffs or len(counts)} cutoff(s), {counts.iloc[-1]:,} customers at the last one"
     )
 
 
@@ -160,13 +176,14 @@ def features_build(
                     path, columns=ix_columns, timestamp_format=timestamp_format
                 )
             )
-    with step(f"Building features at {len(cutoffs)} cutoff(s)"):
-        feats = run_or_exit(
-            lambda: build_features(tx, ix, as_of=cutoffs, windows=window_days, validate=False)
+    # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
+    with step(f"Building features at {len(cutoffs)} cutoff(s) into {out}"):
+        rows, last = run_or_exit(
+            lambda: write_features(
+                iter_features(tx, ix, as_of=cutoffs, windows=window_days, validate=False), out
+            )
         )
-    with step(f"Writing {out}"):
-        write_parquet_atomic(feats, out)
-    print_feature_summary(feats)
+    print_feature_summary(last, total_rows=rows, n_cutoffs=len(cutoffs))
 
 
 @features_app.command("labels")

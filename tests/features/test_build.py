@@ -314,3 +314,30 @@ def test_connections_spill_to_their_own_directory():
             for con in (a, b)
         ]
     assert dirs[0] != dirs[1]
+
+
+def test_streamed_batches_equal_one_build_and_write_atomically(tmp_path, tiny_tx, tiny_ix):
+    from rapport.features.build import iter_features, write_features
+
+    cutoffs = ["2024-01-31", "2024-02-15", "2024-02-29", "2024-03-31", "2024-04-30"]
+    whole = build_features(tiny_tx, tiny_ix, as_of=cutoffs)
+    batches = list(iter_features(tiny_tx, tiny_ix, as_of=cutoffs, cutoff_batch=2))
+    assert [b["as_of"].nunique() for b in batches] == [2, 2, 1]
+    pd.testing.assert_frame_equal(pd.concat(batches, ignore_index=True), whole)
+
+    out = tmp_path / "features.parquet"
+    rows, last = write_features(iter(batches), out)
+    assert rows == len(whole)
+    assert last["as_of"].max() == whole["as_of"].max()
+    back = pd.read_parquet(out)
+    pd.testing.assert_frame_equal(back, whole, check_dtype=False, check_categorical=False)
+    assert list(back.columns) == list(whole.columns)
+
+    def failing():
+        yield batches[0]
+        raise RuntimeError("disk full")
+
+    target = tmp_path / "never.parquet"
+    with pytest.raises(RuntimeError, match="disk full"):
+        write_features(failing(), target)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.parquet"]
