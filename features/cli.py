@@ -157,6 +157,14 @@ def features_build(
     tx_columns: TxColumnsOpt = "",
     ix_columns: IxColumnsOpt = "",
     timestamp_format: FormatOpt = None,
+    cutoff_batch: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Cutoffs computed together: more share scans, fewer bound the memory "
+            "(each batch is held once while it is written).",
+        ),
+    ] = 1,
 ) -> None:
     """Build point-in-time RFM + interaction features per customer and cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
@@ -180,7 +188,15 @@ def features_build(
     with step(f"Building features at {len(cutoffs)} cutoff(s) into {out}"):
         rows, last = run_or_exit(
             lambda: write_features(
-                iter_features(tx, ix, as_of=cutoffs, windows=window_days, validate=False), out
+                iter_features(
+                    tx,
+                    ix,
+                    as_of=cutoffs,
+                    windows=window_days,
+                    validate=False,
+                    cutoff_batch=cutoff_batch,
+                ),
+                out,
             )
         )
     print_feature_summary(last, total_rows=rows, n_cutoffs=len(cutoffs))
