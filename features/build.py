@@ -276,11 +276,8 @@ def build_features(
             connection=connection,
         )
     )
-    if len(parts) == 1:
-        return parts[0]
-    out = pd.concat(parts, ignore_index=True)
     # concat keeps the category dtype: every batch has the same fixed categories
-    return out
+    return parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
 
 
 def iter_features(

@@ -7,9 +7,7 @@ message naming the column and rows; nothing is written then.
 
 from __future__ import annotations
 
-import os
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,13 +37,7 @@ data_app = typer.Typer(help="Bundled and synthetic data sets.", no_args_is_help=
 
 def write_parquet_atomic(df: pd.DataFrame, out: Path) -> None:
     """Write ``df`` to ``out`` via a temporary file and a rename: never a partial file."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_features([df], out)
 
 
 @contextmanager

@@ -291,15 +291,19 @@ class _BaseModel:
             self._with_btyd(train)
         )
 
-    def _with_btyd(self, frame: pd.DataFrame) -> pd.DataFrame:
+    def _with_btyd(self, frame: pd.DataFrame, extra: pd.DataFrame | None = None) -> pd.DataFrame:
         if self.btyd_ is None:
             return frame
-        extra = self.btyd_.transform(frame)
+        if extra is None:
+            extra = self.btyd_.transform(frame)
         return pd.concat([frame.drop(columns=extra.columns, errors="ignore"), extra], axis=1)
 
-    def matrix(self, frame: pd.DataFrame) -> pd.DataFrame:
-        """The model's input matrix for feature rows (BTYD columns added, ordered, typed)."""
-        return self.preprocessor_.transform(self._with_btyd(frame))
+    def matrix(self, frame: pd.DataFrame, btyd: pd.DataFrame | None = None) -> pd.DataFrame:
+        """The model's input matrix for feature rows (BTYD columns added, ordered, typed).
+
+        ``btyd`` passes BTYD columns already computed for ``frame`` (scoring uses them twice).
+        """
+        return self.preprocessor_.transform(self._with_btyd(frame, btyd))
 
     @property
     def feature_names_(self) -> list[str]:
@@ -348,33 +352,39 @@ class ChurnModel(_BaseModel):
             valid_weight = np.where(y_valid == 1, 0.5 / rate, 0.5 / (1 - rate))
         # Early stopping on log loss: AUC sorts the whole validation set every round, which
         # made each tree 2.6x as expensive at a million rows.
+        x_valid = self.matrix(valid)
         self.booster_ = _train_booster(
             self.config,
             _lgb_params(self.config, "binary", "binary_logloss", self.feature_names_),
             self.matrix(train),
             y_train,
-            self.matrix(valid),
+            x_valid,
             y_valid,
             weight,
             valid_weight,
         )
         self.best_iteration_ = int(self.booster_.best_iteration or self.booster_.num_trees())
         self.calibrator_ = _Calibrator(self.config.calibration).fit(
-            self._raw(valid), y_valid.astype("float64")
+            self._raw_matrix(x_valid), y_valid.astype("float64")
         )
         return self
 
-    def _raw(self, frame: pd.DataFrame) -> np.ndarray:
+    def _raw_matrix(self, matrix: pd.DataFrame) -> np.ndarray:
         return np.asarray(
-            self.booster_.predict(
-                self.matrix(frame), raw_score=True, num_iteration=self.best_iteration_
-            ),
+            self.booster_.predict(matrix, raw_score=True, num_iteration=self.best_iteration_),
             dtype="float64",
         )
 
+    def _raw(self, frame: pd.DataFrame) -> np.ndarray:
+        return self._raw_matrix(self.matrix(frame))
+
+    def proba_from_matrix(self, matrix: pd.DataFrame) -> np.ndarray:
+        """Calibrated churn probability for an input matrix from :meth:`matrix`."""
+        return self.calibrator_.transform(self._raw_matrix(matrix))
+
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
         """Calibrated probability of no purchase in the horizon, per row."""
-        return self.calibrator_.transform(self._raw(frame))
+        return self.proba_from_matrix(self.matrix(frame))
 
     def risk_tier(self, probability: np.ndarray) -> np.ndarray:
         """``low``, ``medium`` or ``high`` from the config's tier bounds."""
@@ -434,7 +444,10 @@ class ValueModel(_BaseModel):
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
         """Expected net spend over the horizon, per row (currency, >= 0)."""
-        matrix = self.matrix(frame)
+        return self.predict_from_matrix(self.matrix(frame))
+
+    def predict_from_matrix(self, matrix: pd.DataFrame) -> np.ndarray:
+        """Expected net spend for an input matrix from :meth:`matrix`."""
         spend = np.asarray(
             self.booster_.predict(matrix, num_iteration=self.best_iteration_), dtype="float64"
         )
@@ -506,10 +519,13 @@ def next_purchase_date(as_of: pd.Series, days: np.ndarray) -> pd.Series:
     return base + pd.to_timedelta(pd.Series(finite, index=as_of.index), unit="D")
 
 
-def btyd_outputs(model: _BaseModel, frame: pd.DataFrame) -> pd.DataFrame:
+def btyd_outputs(
+    model: _BaseModel, frame: pd.DataFrame, extra: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """P(alive), expected purchases over the horizon and days to the next purchase, per row.
 
-    NaN when the model was trained without BTYD features.
+    NaN when the model was trained without BTYD features. ``extra`` passes the model's BTYD
+    columns already computed for ``frame``.
     """
     if model.btyd_ is None:
         nan = np.full(len(frame), np.nan)
@@ -517,7 +533,8 @@ def btyd_outputs(model: _BaseModel, frame: pd.DataFrame) -> pd.DataFrame:
             {"p_alive": nan, "expected_purchases": nan, "expected_days_to_next_purchase": nan},
             index=frame.index,
         )
-    extra = model.btyd_.transform(frame)
+    if extra is None:
+        extra = model.btyd_.transform(frame)
     return pd.DataFrame(
         {
             "p_alive": extra["p_alive"],
@@ -539,13 +556,16 @@ def score_frame(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataF
         ``expected_days_to_next_purchase`` and, when the rows carry their ``as_of``,
         ``expected_next_purchase_date``.
     """
-    out = btyd_outputs(model, frame)
+    # The BTYD columns feed the model and the output: compute them once.
+    extra = model.btyd_.transform(frame) if model.btyd_ is not None else None
+    out = btyd_outputs(model, frame, extra)
+    matrix = model.matrix(frame, extra)
     if isinstance(model, ChurnModel):
-        proba = model.predict_proba(frame)
+        proba = model.proba_from_matrix(matrix)
         out.insert(0, "risk_tier", model.risk_tier(proba))
         out.insert(0, "churn_probability", proba)
     else:
-        out.insert(0, "predicted_value", model.predict(frame))
+        out.insert(0, "predicted_value", model.predict_from_matrix(matrix))
     if "as_of" in frame.columns:
         out["expected_next_purchase_date"] = next_purchase_date(
             frame["as_of"], out["expected_days_to_next_purchase"].to_numpy()
