@@ -185,6 +185,14 @@ def interaction_feature_columns(spec: FeatureSpec) -> list[str]:
 
 SCORE_COLUMNS = ["r_score", "f_score", "m_score", "fm_score", "segment"]
 
+#: Name fragments of features that may be negative: money (refunds) and trends (-1 to 1).
+SIGNED_FRAGMENTS = ("spend", "trend", "monetary_value", "avg_order_value")
+
+
+def is_nonnegative_feature(column: str) -> bool:
+    """Whether a numeric feature can never be negative (counts, days, rates, scores)."""
+    return not any(fragment in column for fragment in SIGNED_FRAGMENTS)
+
 
 def feature_columns(spec: FeatureSpec) -> list[str]:
     """Every column :func:`features_sql` returns, keys first."""

@@ -24,6 +24,7 @@ R          FM      segment             what to do
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 #: (segment, R scores, FM scores): every one of the 25 cells appears exactly once.
@@ -95,3 +96,55 @@ def segment_summary(features: pd.DataFrame) -> pd.DataFrame:
     )
     columns = ["as_of", "segment", "customers", "share", "recency_days", "n_purchase_days"]
     return out[[*columns, "total_spend"]].reset_index(drop=True)
+
+
+#: (score column, feature it ranks, whether a smaller value scores higher)
+SCORED_FEATURES: tuple[tuple[str, str, bool], ...] = (
+    ("r_score", "recency_days", True),
+    ("f_score", "n_purchase_days", False),
+    ("m_score", "total_spend", False),
+)
+
+
+def scores_against(rows: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
+    """R, F, M, FM scores and segment of ``rows`` ranked within a reference population.
+
+    The feature SQL ranks each customer among all customers at the same cutoff. A handful of
+    customers scored online (a posted purchase history) have no population of their own, so
+    they are ranked among ``reference`` (the served feature snapshot) the same way:
+    ``PERCENT_RANK`` = (reference values below the value) / (reference size - 1), cut in
+    fifths. For the reference rows themselves this reproduces the SQL scores exactly.
+
+    Parameters
+    ----------
+    rows
+        ``recency_days``, ``n_purchase_days``, ``total_spend`` per customer.
+    reference
+        The same columns for the reference population (at least one row).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``r_score``, ``f_score``, ``m_score``, ``fm_score`` (int32, 1-5) and ``segment``
+        (category of :data:`SEGMENTS`), on ``rows``' index.
+    """
+    n = len(reference)
+    if n == 0:
+        raise ValueError("the reference population is empty")
+    out: dict[str, np.ndarray] = {}
+    for score, column, descending in SCORED_FEATURES:
+        for name, frame in (("rows", rows), ("reference", reference)):
+            if column not in frame.columns:
+                raise ValueError(f"{name} lack the column {column!r} needed for {score}")
+        ref = np.sort(reference[column].to_numpy(dtype="float64", na_value=np.nan))
+        values = rows[column].to_numpy(dtype="float64", na_value=np.nan)
+        below = np.searchsorted(ref, values, side="left")
+        rank = below / (n - 1) if n > 1 else np.zeros(len(values))
+        bucket = np.minimum(4, np.floor(5 * rank)).astype("int32")
+        out[score] = (5 - bucket) if descending else (1 + bucket)
+    fm = np.ceil((out["f_score"] + out["m_score"]) / 2.0).astype("int32")
+    out["fm_score"] = fm
+    segments = [segment_of(int(r), int(f)) for r, f in zip(out["r_score"], fm, strict=True)]
+    frame = pd.DataFrame(out, index=rows.index)
+    frame["segment"] = pd.Categorical(segments, categories=SEGMENTS)
+    return frame

@@ -504,6 +504,36 @@ class BetaGeoModel:
         with np.errstate(divide="ignore"):
             return np.where(shape > 0, (alpha + big_t) / np.where(shape > 0, shape, 1.0), np.inf)
 
+    def conditional_summary(
+        self, t: float, frequency: ArrayLike, recency: ArrayLike, T: ArrayLike
+    ) -> dict[str, FloatArray]:
+        """All per-customer predictions for a horizon ``t``, validating the inputs once.
+
+        The same numbers as :meth:`probability_alive`, :meth:`conditional_expected_purchases`,
+        :meth:`probability_no_purchase` and :meth:`expected_time_to_next_purchase`: scoring
+        one customer spent most of its time checking the same three arrays four times.
+
+        Returns
+        -------
+        dict
+            ``p_alive``, ``expected_purchases``, ``p_no_purchase`` and ``time_to_next``.
+        """
+        r, alpha, _, _ = self._fitted()
+        x, t_x, big_t = _rfm(frequency, recency, T)
+        times = _horizon(t)
+        log_odds = self._log_odds_dead(x, t_x, big_t)
+        alive = np.asarray(expit(-log_odds), dtype=np.float64)
+        quiet = np.exp(-(r + x) * np.log1p(times / (alpha + big_t)))
+        shape = r + x - 1.0
+        with np.errstate(divide="ignore"):
+            wait = np.where(shape > 0, (alpha + big_t) / np.where(shape > 0, shape, 1.0), np.inf)
+        return {
+            "p_alive": alive,
+            "expected_purchases": self._expected_purchases(times, x, big_t, log_odds),
+            "p_no_purchase": np.asarray((1.0 - alive) + alive * quiet, dtype=np.float64),
+            "time_to_next": np.asarray(wait, dtype=np.float64),
+        }
+
     def expected_next_purchase_date(
         self,
         frequency: ArrayLike,

@@ -162,29 +162,38 @@ class BTYDFeatures:
         spend = self.gamma_gamma_.conditional_expected_average_profit(
             np.where(valid, freq, 1.0), safe_money
         )
-        # Customers without a positive repeat spend get the population mean of the model.
-        population = self.gamma_gamma_.conditional_expected_average_profit(np.zeros(1), np.ones(1))[
-            0
-        ]
+        # Customers without a positive repeat spend get the population mean of the model,
+        # p v / (q - 1): the conditional mean at frequency 0, without a second input check.
+        gg = self.gamma_gamma_
+        population = gg.p_ * gg.v_ / (gg.q_ - 1.0) if gg.q_ > 1.0 else self.mean_spend_
         return np.where(valid, spend, population)
 
     def transform(self, frame: pd.DataFrame) -> pd.DataFrame:
         """The added columns for each row of ``frame`` (same index)."""
         if self.bgnbd_ is None:
             raise RuntimeError("BTYDFeatures is not fitted")
-        freq, rec, age, money = _btyd_inputs(frame)
-        t = self.horizon_days / DAYS_PER_WEEK
-        bg = self.bgnbd_
-        purchases = bg.conditional_expected_purchases(t, freq, rec, age)
-        values = {
-            "p_alive": bg.probability_alive(freq, rec, age),
-            f"expected_purchases_{self.horizon_days}d": purchases,
-            f"p_no_purchase_{self.horizon_days}d": bg.probability_no_purchase(t, freq, rec, age),
-            f"btyd_value_{self.horizon_days}d": purchases * self.spend_per_purchase(freq, money),
-            "expected_days_to_next_purchase": bg.expected_time_to_next_purchase(freq, rec, age)
-            * DAYS_PER_WEEK,
+        return pd.DataFrame(self.arrays(*_btyd_inputs(frame)), index=frame.index)
+
+    def arrays(
+        self, freq: np.ndarray, rec: np.ndarray, age: np.ndarray, money: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """The added columns as arrays, from the summary in weeks (see :meth:`transform`).
+
+        Serving calls this on plain arrays: building a DataFrame costs more than the maths
+        for one customer.
+        """
+        if self.bgnbd_ is None:
+            raise RuntimeError("BTYDFeatures is not fitted")
+        h = self.horizon_days
+        bg = self.bgnbd_.conditional_summary(h / DAYS_PER_WEEK, freq, rec, age)
+        purchases = bg["expected_purchases"]
+        return {
+            "p_alive": bg["p_alive"],
+            f"expected_purchases_{h}d": purchases,
+            f"p_no_purchase_{h}d": bg["p_no_purchase"],
+            f"btyd_value_{h}d": purchases * self.spend_per_purchase(freq, money),
+            "expected_days_to_next_purchase": bg["time_to_next"] * DAYS_PER_WEEK,
         }
-        return pd.DataFrame(values, index=frame.index)
 
 
 def _lgb_params(
@@ -258,7 +267,10 @@ class _Calibrator:
 
     def transform(self, raw: np.ndarray) -> np.ndarray:
         if isinstance(self.model_, IsotonicRegression):
-            return np.asarray(self.model_.predict(raw), dtype="float64")
+            # IsotonicRegression.predict with out_of_bounds="clip" is this interpolation;
+            # calling it directly saves its input checks (most of the time for one row).
+            m = self.model_
+            return np.interp(np.asarray(raw, dtype="float64"), m.X_thresholds_, m.y_thresholds_)
         if isinstance(self.model_, LogisticRegression):
             return np.asarray(self.model_.predict_proba(raw.reshape(-1, 1))[:, 1])
         return 1.0 / (1.0 + np.exp(-raw))
@@ -280,6 +292,10 @@ class _BaseModel:
 
     btyd_: BTYDFeatures | None
     booster_: lgb.Booster
+    best_iteration_: int
+    #: ``(channel, event)`` pairs the interaction features were built from (set by the
+    #: training pipeline, so serving can rebuild the same columns from a raw history).
+    interaction_pairs_: tuple[tuple[str, str], ...] | None = None
 
     def _fit_inputs(self, train: pd.DataFrame) -> None:
         self.btyd_ = (

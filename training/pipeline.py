@@ -27,7 +27,7 @@ import yaml
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.models import infer_signature
 
-from rapport.features.build import connect
+from rapport.features.build import connect, discover_interaction_pairs
 from rapport.features.contracts import TableSource, load_interactions, load_transactions
 from rapport.training import plots, tracking
 from rapport.training.config import ModelConfig
@@ -53,6 +53,8 @@ PROBABILITY_METRICS = ("brier", "log_loss", "ece")
 MODEL_NAME = "lightgbm"
 #: Rows MLflow looks at to type the logged data sets' columns.
 SCHEMA_ROWS = 10_000
+#: Key of the training frame's ``attrs`` holding the interaction pairs its features used.
+INTERACTION_PAIRS = "interaction_pairs"
 
 StepFn = Callable[[str], AbstractContextManager[Any]]
 
@@ -240,7 +242,8 @@ def prepare_training_set(
     Returns
     -------
     (pandas.DataFrame, OutOfTimeSplit)
-        Rows at the train, validation and test cutoffs only.
+        Rows at the train, validation and test cutoffs only; ``attrs["interaction_pairs"]``
+        holds the ``(channel, event)`` pairs the interaction features were built from.
     """
     settings = settings or TrainingSettings()
     tx = load_transactions(transactions)
@@ -251,7 +254,9 @@ def prepare_training_set(
     )
     split = split_cutoffs(cutoffs, config.horizon_days)
     used = [*split.train, split.valid, split.test]
-    return _labelled_rows(config, tx, ix, used, settings), split
+    frame = _labelled_rows(config, tx, ix, used, settings)
+    frame.attrs[INTERACTION_PAIRS] = discover_interaction_pairs(ix) if ix is not None else ()
+    return frame, split
 
 
 def _labelled_rows(
@@ -327,6 +332,7 @@ def train(
     with step("Building the out-of-time training set"):
         frame, split = prepare_training_set(config, transactions, interactions, settings=settings)
         train_rows, valid_rows, test_rows = split_frame(frame, split)
+        pairs = frame.attrs.get(INTERACTION_PAIRS, ())
         del frame
         rows_available = len(train_rows)
         if config.max_train_rows is not None and rows_available > config.max_train_rows:
@@ -366,6 +372,9 @@ def train(
         with step(f"Fitting the {config.task} model and its baselines"):
             evaluation = fit_and_evaluate(config, train_rows, valid_rows, test_rows)
         model = evaluation.model
+        # Serving computes features from a posted history: it needs the interaction pairs
+        # the model saw, not those that happen to be in one customer's events.
+        model.interaction_pairs_ = pairs
         mlflow.log_metric("best_iteration", model.best_iteration_)
         for name, values in evaluation.metrics.items():
             prefix = "test_" if name == MODEL_NAME else f"baseline_{name}_test_"

@@ -1,0 +1,132 @@
+"""The HTTP API: a FastAPI app over :class:`~rapport.serving.core.ServiceState`.
+
+The BentoML service mounts this app (``@bentoml.asgi_app``), which keeps BentoML's serving
+machinery (health, Prometheus metrics, traffic control, Bentos) while the scoring path costs
+what FastAPI costs; the benchmark runs the very same app under bare uvicorn for comparison.
+Errors are FastAPI's validation shape everywhere: ``422 {"detail": [{"loc", "msg", "type"}]}``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import anyio
+import bentoml
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from rapport.serving import schemas as s
+from rapport.serving.core import THREAD_THRESHOLD, InputError, NotReadyError, ServiceState
+
+API_PREFIX = "/v1"
+
+# bentoml.metrics creates the Prometheus objects lazily, once BentoML has set up its
+# multi-process registry, so they appear in the service's /metrics.
+SCORED = bentoml.metrics.Counter(
+    name="rapport_customers_scored",
+    documentation="Customers scored, by endpoint.",
+    labelnames=["endpoint"],
+)
+UNKNOWN = bentoml.metrics.Counter(
+    name="rapport_unknown_customers",
+    documentation="Ids asked for that are not in the snapshot.",
+)
+SCORING_SECONDS = bentoml.metrics.Histogram(
+    name="rapport_scoring_seconds",
+    documentation="Time spent scoring one request (after parsing), by endpoint.",
+    labelnames=["endpoint"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0),
+)
+
+_NOT_READY = {"description": "Models not loaded yet (or loading failed: see /v1/info)."}
+
+T = TypeVar("T")
+
+
+def create_app(state: ServiceState | None = None) -> FastAPI:
+    """The FastAPI app; ``state`` may be attached later as ``app.state.rapport``."""
+    app = FastAPI(
+        title="Rapport scoring",
+        description="Churn risk, expected value and reasons per customer.",
+        version="1",
+        responses={503: _NOT_READY},
+    )
+    app.state.rapport = state
+
+    def current(request: Request) -> ServiceState:
+        found: ServiceState | None = request.app.state.rapport
+        if found is None:
+            raise NotReadyError("the service is starting")
+        return found
+
+    @app.exception_handler(InputError)
+    async def _input_error(_: Request, exc: InputError) -> JSONResponse:
+        return JSONResponse({"detail": exc.errors}, status_code=422)
+
+    @app.exception_handler(NotReadyError)
+    async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
+        return JSONResponse({"detail": str(exc)}, status_code=503)
+
+    async def run(endpoint: str, n: int, fn: Callable[[], T]) -> T:
+        start = time.perf_counter()
+        # Small requests score on the event loop (a thread hop costs more than the work);
+        # big ones go to a thread so the loop keeps answering health checks.
+        result = fn() if n <= THREAD_THRESHOLD else await anyio.to_thread.run_sync(fn)
+        SCORING_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+        SCORED.labels(endpoint).inc(n)
+        return result
+
+    @app.post("/score", response_model=s.ScoreResponse, summary="Score feature rows")
+    async def score(body: s.ScoreRequest, request: Request) -> s.ScoreResponse:
+        """Score customers given their feature rows.
+
+        Churn probability, risk tier, predicted value, BG/NBD outputs and, with ``explain``,
+        the top reasons.
+        """
+        state = current(request)
+        return await run("score", len(body.customers), lambda: state.score_rows(body))
+
+    @app.post("/score/by-id", response_model=s.ByIdResponse, summary="Score known customers")
+    async def score_by_id(body: s.ByIdRequest, request: Request) -> s.ByIdResponse:
+        """Score customers from the latest feature snapshot.
+
+        Unknown ids come back in ``missing``.
+        """
+        state = current(request)
+        result = await run("by-id", len(body.customer_ids), lambda: state.score_ids(body))
+        # Counted as asked; the unknown ones also here.
+        UNKNOWN.inc(len(result.missing))
+        return result
+
+    @app.post("/score/history", response_model=s.ScoreResponse, summary="Score raw histories")
+    async def score_history(body: s.HistoryRequest, request: Request) -> s.ScoreResponse:
+        """Score customers from their raw purchase and interaction histories.
+
+        Features come from the training feature code; R/F/M scores are ranked within the
+        served snapshot.
+        """
+        state = current(request)
+        # DuckDB work: always off the event loop.
+        start = time.perf_counter()
+        result = await anyio.to_thread.run_sync(lambda: state.score_history(body))
+        SCORING_SECONDS.labels("history").observe(time.perf_counter() - start)
+        SCORED.labels("history").inc(len(body.customers))
+        return result
+
+    @app.get("/info", response_model=s.ServiceInfo, summary="Served models and inputs")
+    async def info(request: Request) -> s.ServiceInfo:
+        """Model versions, the feature fields rows must carry, snapshot and limits."""
+        state: ServiceState | None = request.app.state.rapport
+        if state is None:
+            raise NotReadyError("the service is starting")
+        return state.info()
+
+    @app.get("/ready", summary="Readiness", responses={200: {"description": "Models loaded."}})
+    async def ready(request: Request) -> dict[str, Any]:
+        """200 once the models are loaded, 503 before (or if loading failed)."""
+        current(request)._scorer()
+        return {"ready": True}
+
+    return app

@@ -1,0 +1,458 @@
+"""What the service does, without the web framework: load, check, score, answer.
+
+:class:`ServiceState` loads the champion models (from the MLflow registry by alias, or the
+exact versions a Bento pins) and the feature snapshot, and answers the three scoring
+requests. The HTTP layer (:mod:`rapport.serving.api`) only maps its exceptions to status
+codes, so the same code runs in the BentoML service, in a bare FastAPI app and in tests.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from rapport.features.build import build_features, connect
+from rapport.features.contracts import DataValidationError
+from rapport.features.segments import SCORED_FEATURES, scores_against
+from rapport.serving import schemas as s
+from rapport.serving.scoring import LoadedModel, ModelVersion, Scorer, load_pyfunc_dir
+from rapport.serving.scoring import load_registered as load_from_registry
+from rapport.serving.settings import ServingSettings
+
+log = logging.getLogger(__name__)
+
+#: Above this many customers a request is scored off the event loop.
+THREAD_THRESHOLD = 64
+#: A stand-in customer with one interaction and no purchase: gives a posted history without
+#: interactions the interaction columns a customer without activity gets in training.
+_NOBODY = "\x00rapport-nobody"
+
+
+class InputError(ValueError):
+    """Request content the models cannot score; ``errors`` name row and field."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        self.errors = errors
+        first = errors[0] if errors else {"loc": [], "msg": "invalid input"}
+        loc = ".".join(str(p) for p in first["loc"])
+        super().__init__(
+            f"{loc}: {first['msg']}" + (f" (+{len(errors) - 1} more)" if len(errors) > 1 else "")
+        )
+
+
+class NotReadyError(RuntimeError):
+    """The models are not loaded (yet, or loading failed)."""
+
+
+@dataclass
+class FeatureSnapshot:
+    """Each customer's latest feature row, loaded once and looked up by id.
+
+    ``cols`` holds the scorer's input arrays for every row, so scoring a known customer is a
+    dictionary lookup and an array take.
+    """
+
+    path: str | None
+    frame: pd.DataFrame
+    index: dict[str, int]
+    cols: dict[str, np.ndarray]
+    as_of: list[dt.date | None]
+    segment: list[str | None]
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, scorer: Scorer, path: str | None) -> FeatureSnapshot:
+        """Keep each customer's latest row; prepare the scorer's arrays."""
+        if "customer_id" not in frame.columns:
+            raise ValueError(f"snapshot {path}: no customer_id column")
+        if "as_of" in frame.columns:
+            frame = frame.sort_values("as_of", kind="stable")
+        ids = frame["customer_id"].astype("string")
+        frame = frame[~ids.duplicated(keep="last")].reset_index(drop=True)
+        ids = frame["customer_id"].astype("string")
+        cols = scorer.columns_from_frame(frame)
+        as_of: list[dt.date | None] = (
+            [d.date() if pd.notna(d) else None for d in pd.to_datetime(frame["as_of"])]
+            if "as_of" in frame.columns
+            else [None] * len(frame)
+        )
+        seg = frame["segment"].astype("object") if "segment" in frame.columns else None
+        segment: list[str | None] = (
+            [str(v) if pd.notna(v) else None for v in seg]
+            if seg is not None
+            else [None] * len(frame)
+        )
+        return cls(
+            path=path,
+            frame=frame,
+            index={cid: i for i, cid in enumerate(ids.tolist())},
+            cols=cols,
+            as_of=as_of,
+            segment=segment,
+        )
+
+    @property
+    def latest(self) -> dt.date | None:
+        """The latest feature date in the snapshot."""
+        dates = [d for d in self.as_of if d is not None]
+        return max(dates) if dates else None
+
+    def reference(self) -> pd.DataFrame | None:
+        """Rows at the latest date: the population posted histories are ranked in."""
+        needed = [col for _, col, _ in SCORED_FEATURES]
+        if any(c not in self.frame.columns for c in needed) or self.frame.empty:
+            return None
+        if "as_of" not in self.frame.columns:
+            return self.frame[needed]
+        as_of = pd.to_datetime(self.frame["as_of"])
+        return self.frame.loc[as_of == as_of.max(), needed]
+
+
+def load_models(settings: ServingSettings) -> tuple[LoadedModel, LoadedModel]:
+    """The churn and value models: the Bento's pinned ones, else the registry's alias."""
+    if settings.churn_bento_model and settings.clv_bento_model:
+        return (
+            _load_bento_model(settings.churn_bento_model),
+            _load_bento_model(settings.clv_bento_model),
+        )
+    uri = settings.tracking_uri
+    return (
+        load_from_registry(settings.churn_model, settings.model_alias, tracking_uri=uri),
+        load_from_registry(settings.clv_model, settings.model_alias, tracking_uri=uri),
+    )
+
+
+def _load_bento_model(tag: str) -> LoadedModel:
+    import bentoml
+
+    model = bentoml.models.get(tag)
+    meta = model.info.metadata
+    version = ModelVersion(
+        name=str(meta.get("registered_name", model.tag.name)),
+        version=str(meta.get("registered_version", model.tag.version)),
+        alias=meta.get("alias"),
+        run_id=meta.get("run_id"),
+        source=f"bentoml:{model.tag}",
+    )
+    return load_pyfunc_dir(model.path_of("mlflow_model"), version)
+
+
+class ServiceState:
+    """Loaded models and snapshot, and the three ways to score.
+
+    Parameters
+    ----------
+    settings
+        Read from the environment when the service starts.
+    """
+
+    def __init__(self, settings: ServingSettings) -> None:
+        self.settings = settings
+        self.scorer: Scorer | None = None
+        self.snapshot: FeatureSnapshot | None = None
+        self.reference: pd.DataFrame | None = None
+        self.error: str | None = None
+        self._loaded = threading.Event()
+        self._duckdb_lock = threading.Lock()
+        self._con: Any = None
+
+    # -- loading ---------------------------------------------------------------------------
+
+    def load(self) -> ServiceState:
+        """Load models and snapshot (blocking); failures are kept in :attr:`error`."""
+        try:
+            churn, value = load_models(self.settings)
+            scorer = Scorer(churn, value)
+            path = self.settings.snapshot_path
+            if path.exists():
+                frame = pd.read_parquet(path)
+                self.snapshot = FeatureSnapshot.from_frame(frame, scorer, str(path))
+                self.reference = self.snapshot.reference()
+            else:
+                log.warning("no feature snapshot at %s: scoring by id answers 'unknown'", path)
+            self.scorer = scorer
+        except Exception as err:
+            self.error = f"{type(err).__name__}: {err}"
+            log.exception("loading the models failed")
+        finally:
+            self._loaded.set()
+        return self
+
+    def load_in_background(self) -> threading.Thread:
+        """Start loading on a thread; :attr:`ready` turns true when done."""
+        thread = threading.Thread(target=self.load, name="rapport-load", daemon=True)
+        thread.start()
+        return thread
+
+    @property
+    def ready(self) -> bool:
+        """True once the models are loaded and usable."""
+        return self.scorer is not None
+
+    def _scorer(self) -> Scorer:
+        if self.scorer is None:
+            raise NotReadyError(self.error or "models are still loading")
+        return self.scorer
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def _check_size(self, n: int, field: str) -> None:
+        if n > self.settings.max_batch:
+            raise InputError(
+                [
+                    {
+                        "loc": ["body", field],
+                        "msg": f"at most {self.settings.max_batch} per request "
+                        f"(got {n}; RAPPORT_MAX_BATCH)",
+                        "type": "too_long",
+                    }
+                ]
+            )
+
+    def score_rows(self, request: s.ScoreRequest) -> s.ScoreResponse:
+        """Score posted feature rows."""
+        scorer = self._scorer()
+        self._check_size(len(request.customers), "customers")
+        cols, errors = s.check_rows(request.customers, scorer, today=_today())
+        if errors:
+            raise InputError(errors)
+        rows = request.customers
+        as_of = [r.as_of for r in rows]
+        segment = [
+            None if (v := (r.__pydantic_extra__ or {}).get("segment")) is None else str(v)
+            for r in rows
+        ]
+        scores = scorer.score(
+            cols, len(rows), as_of=as_of, segment=segment, explain=request.explain
+        )
+        return s.ScoreResponse(
+            models=s.versions_of(scorer),
+            scores=s.to_customer_scores(
+                scorer,
+                scores,
+                [r.customer_id for r in rows],
+                as_of,
+                currency=self.settings.currency,
+            ),
+        )
+
+    def score_ids(self, request: s.ByIdRequest) -> s.ByIdResponse:
+        """Score known customers from the snapshot; unknown ids are listed, not fatal."""
+        scorer = self._scorer()
+        self._check_size(len(request.customer_ids), "customer_ids")
+        snap = self.snapshot
+        found: list[int] = []
+        ids: list[str] = []
+        missing: list[s.MissingCustomer] = []
+        for cid in request.customer_ids:
+            pos = snap.index.get(cid) if snap is not None else None
+            if pos is None:
+                reason = "not in the feature snapshot" if snap is not None else "no snapshot loaded"
+                missing.append(s.MissingCustomer(customer_id=cid, reason=reason))
+            else:
+                found.append(pos)
+                ids.append(cid)
+        scores: list[s.CustomerScore] = []
+        if found and snap is not None:
+            take = np.asarray(found)
+            cols = {k: v[take] for k, v in snap.cols.items()}
+            as_of = [snap.as_of[i] for i in found]
+            result = scorer.score(
+                cols,
+                len(found),
+                as_of=as_of,
+                segment=[snap.segment[i] for i in found],
+                explain=request.explain,
+            )
+            scores = s.to_customer_scores(
+                scorer, result, ids, as_of, currency=self.settings.currency
+            )
+        return s.ByIdResponse(
+            models=s.versions_of(scorer),
+            snapshot_as_of=snap.latest if snap is not None else None,
+            scores=scores,
+            missing=missing,
+        )
+
+    def score_history(self, request: s.HistoryRequest) -> s.ScoreResponse:
+        """Compute features from posted histories (the training feature code) and score."""
+        scorer = self._scorer()
+        self._check_size(len(request.customers), "customers")
+        today = _today()
+        as_of = request.as_of or today
+        errors: list[dict[str, Any]] = []
+        if as_of > today:
+            errors.append(
+                {
+                    "loc": ["body", "as_of"],
+                    "msg": f"date {as_of} is in the future",
+                    "type": "future",
+                }
+            )
+        frame = self._history_features(request, as_of, errors)
+        cols = scorer.columns_from_frame(frame)
+        segment = [str(v) if pd.notna(v) else None for v in frame["segment"].astype("object")]
+        dates = [as_of] * len(frame)
+        scores = scorer.score(
+            cols, len(frame), as_of=dates, segment=segment, explain=request.explain
+        )
+        return s.ScoreResponse(
+            models=s.versions_of(scorer),
+            scores=s.to_customer_scores(
+                scorer,
+                scores,
+                frame["customer_id"].astype("string").tolist(),
+                list(dates),
+                currency=self.settings.currency,
+            ),
+        )
+
+    def _history_features(
+        self, request: s.HistoryRequest, as_of: dt.date, errors: list[dict[str, Any]]
+    ) -> pd.DataFrame:
+        scorer = self._scorer()
+        limit = self.settings.max_events
+        end = pd.Timestamp(as_of) + pd.Timedelta(days=1)
+        tx_rows: list[tuple[str, pd.Timestamp, float, str | None]] = []
+        ix_rows: list[tuple[str, pd.Timestamp, str, str]] = []
+        seen: set[str] = set()
+        for i, cust in enumerate(request.customers):
+            loc = ["body", "customers", i]
+            if cust.customer_id in seen:
+                errors.append(
+                    {
+                        "loc": [*loc, "customer_id"],
+                        "msg": "repeated customer",
+                        "type": "value_error",
+                    }
+                )
+            seen.add(cust.customer_id)
+            n_events = len(cust.transactions) + len(cust.interactions)
+            if n_events > limit:
+                errors.append(
+                    {
+                        "loc": loc,
+                        "msg": f"at most {limit} events per customer (RAPPORT_MAX_EVENTS)",
+                        "type": "too_long",
+                    }
+                )
+                continue
+            for field, events in (
+                ("transactions", cust.transactions),
+                ("interactions", cust.interactions),
+            ):
+                for j, event in enumerate(events):
+                    ts = _utc_naive(event.timestamp)
+                    if ts >= end:
+                        errors.append(
+                            {
+                                "loc": [*loc, field, j, "timestamp"],
+                                "msg": f"{ts} is after as_of {as_of}",
+                                "type": "future",
+                            }
+                        )
+            tx_rows += [
+                (cust.customer_id, _utc_naive(p.timestamp), p.amount, p.order_id)
+                for p in cust.transactions
+            ]
+            ix_rows += [
+                (cust.customer_id, _utc_naive(e.timestamp), e.channel.lower(), e.event.lower())
+                for e in cust.interactions
+            ]
+        if errors:
+            raise InputError(errors)
+        tx = pd.DataFrame(tx_rows, columns=["customer_id", "timestamp", "amount", "order_id"])
+        pairs = scorer.interaction_pairs
+        if pairs is None:
+            pairs = tuple(sorted({(c, e) for _, _, c, e in ix_rows}))
+        ix: pd.DataFrame | None = None
+        if pairs:
+            channel, event = pairs[0]
+            ix_rows.append((_NOBODY, pd.Timestamp(as_of), channel, event))
+            ix = pd.DataFrame(ix_rows, columns=["customer_id", "timestamp", "channel", "event"])
+        try:
+            with self._duckdb_lock, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                if self._con is None:
+                    self._con = connect(threads=1)
+                frame = build_features(
+                    tx,
+                    ix,
+                    as_of=[as_of],
+                    windows=scorer.windows,
+                    interaction_pairs=pairs,
+                    validate=True,
+                    connection=self._con,
+                )
+        except DataValidationError as err:
+            raise InputError(
+                [{"loc": ["body", "customers"], "msg": str(err), "type": "value_error"}]
+            ) from err
+        frame = frame[frame["customer_id"].astype("string") != _NOBODY].reset_index(drop=True)
+        # Customers whose purchases all come after as_of have no row: nothing to score.
+        missing_cols = [c for c in scorer.inputs if c not in frame.columns]
+        for c in missing_cols:
+            frame[c] = np.nan
+        if self.reference is not None and not frame.empty:
+            scored = scores_against(frame, self.reference)
+            for c in scored.columns:
+                frame[c] = scored[c]
+        order = {c.customer_id: i for i, c in enumerate(request.customers)}
+        frame = frame.assign(_order=frame["customer_id"].astype("string").map(order))
+        return frame.sort_values("_order").drop(columns="_order").reset_index(drop=True)
+
+    # -- description -----------------------------------------------------------------------
+
+    def info(self) -> s.ServiceInfo:
+        """What is served."""
+        models: list[s.ModelDescription] = []
+        scorer = self.scorer
+        if scorer is not None:
+            for compiled, version in (
+                (scorer.churn, scorer.churn_version),
+                (scorer.value, scorer.value_version),
+            ):
+                models.append(
+                    s.ModelDescription(
+                        name=version.name,
+                        version=version.version,
+                        alias=version.alias,
+                        run_id=version.run_id,
+                        task=compiled.task,
+                        horizon_days=compiled.horizon_days,
+                        features=compiled.features,
+                    )
+                )
+        snap = self.snapshot
+        return s.ServiceInfo(
+            ready=self.ready,
+            error=self.error,
+            models=models,
+            inputs=scorer.inputs if scorer else [],
+            categorical=sorted(scorer.categorical) if scorer else [],
+            snapshot=(
+                s.SnapshotInfo(path=snap.path, as_of=snap.latest, customers=len(snap.index))
+                if snap is not None
+                else None
+            ),
+            max_batch=self.settings.max_batch,
+            max_events=self.settings.max_events,
+            currency=self.settings.currency,
+        )
+
+
+def _today() -> dt.date:
+    return dt.datetime.now(dt.UTC).date()
+
+
+def _utc_naive(ts: dt.datetime) -> pd.Timestamp:
+    stamp = pd.Timestamp(ts)
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return stamp

@@ -1,0 +1,367 @@
+"""Request and response models of the scoring service (pydantic, shown in its OpenAPI page).
+
+Feature rows are open-ended: which columns a model reads depends on what it was trained on
+(the interaction pairs of the data, the windows of its config). A row therefore declares its
+keys and takes the features as extra fields, typed number, text or null; :func:`check_rows`
+then checks them against the served models and names every bad field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from rapport.serving.scoring import ModelVersion, Scorer, Scores
+
+#: Customer ids: one to 200 characters (numbers are accepted and read as text).
+CustomerId = str
+
+_ROW_EXAMPLE: dict[str, Any] = {
+    "customer_id": "C-1042",
+    "as_of": "2025-12-31",
+    "frequency": 3,
+    "recency": 210,
+    "T": 400,
+    "monetary_value": 54.2,
+    "recency_days": 190,
+    "n_purchases": 4,
+    "total_spend": 230.5,
+    "segment": "At risk",
+    "preferred_channel": "email",
+}
+
+
+class FeatureRow(BaseModel):
+    """One customer's features as ``rapport features build`` writes them.
+
+    Send every feature the served models read (``GET /v1/info`` lists them). Other feature
+    columns of the same feature set are accepted and ignored; unknown names are refused.
+    """
+
+    model_config = ConfigDict(
+        extra="allow",
+        allow_inf_nan=False,
+        coerce_numbers_to_str=True,
+        json_schema_extra={"examples": [_ROW_EXAMPLE]},
+    )
+
+    customer_id: CustomerId = Field(min_length=1, max_length=200, description="Customer id.")
+    as_of: dt.date | None = Field(
+        None, description="Date the features describe (for the next-purchase date)."
+    )
+    # Typed extras: every feature is a finite number, a text (categories) or null.
+    __pydantic_extra__: dict[str, float | str | None] = Field(init=False)
+
+
+class ScoreRequest(BaseModel):
+    """Customers to score from their feature rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customers: list[FeatureRow] = Field(min_length=1, description="Feature rows, one per customer.")
+    explain: int = Field(
+        0, ge=0, le=20, description="Top reasons per model and customer (0: none; costs time)."
+    )
+
+
+class ByIdRequest(BaseModel):
+    """Known customers to score from the feature snapshot."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    customer_ids: list[CustomerId] = Field(min_length=1, description="Customer ids.")
+    explain: int = Field(0, ge=0, le=20, description="Top reasons per model and customer.")
+
+
+class Purchase(BaseModel):
+    """One purchase (a refund has a negative amount)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
+
+    timestamp: dt.datetime = Field(description="When (ISO date or date-time; UTC if naive).")
+    amount: float = Field(description="Net amount in the currency of the data.")
+    order_id: str | None = Field(None, description="Order id (repeated ids are one order).")
+
+
+class Interaction(BaseModel):
+    """One interaction: an e-mail sent/opened/clicked, a web visit, a call, a store visit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timestamp: dt.datetime = Field(description="When (ISO date or date-time; UTC if naive).")
+    channel: str = Field(min_length=1, max_length=50, description="e.g. email, web, phone.")
+    event: str = Field(min_length=1, max_length=50, description="e.g. sent, open, visit.")
+
+
+class CustomerHistory(BaseModel):
+    """A customer's raw purchase (and interaction) history."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    customer_id: CustomerId = Field(min_length=1, max_length=200, description="Customer id.")
+    transactions: list[Purchase] = Field(min_length=1, description="Purchases, any order.")
+    interactions: list[Interaction] = Field(default_factory=list, description="Interactions.")
+
+
+class HistoryRequest(BaseModel):
+    """Customers to score from posted histories (features computed as in training)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    customers: list[CustomerHistory] = Field(min_length=1, description="One history each.")
+    as_of: dt.date | None = Field(
+        None, description="Cutoff date (default: today, UTC). Events after it are refused."
+    )
+    explain: int = Field(0, ge=0, le=20, description="Top reasons per model and customer.")
+
+
+class Reason(BaseModel):
+    """One feature's contribution to a prediction (SHAP value, raw model units)."""
+
+    feature: str
+    value: float | str | None = Field(description="The feature's value for this customer.")
+    contribution: float = Field(description="Positive raises the prediction.")
+
+
+class Reasons(BaseModel):
+    """The largest contributions, largest first."""
+
+    churn: list[Reason] = Field(description="Of the churn model (log-odds).")
+    value: list[Reason] = Field(description="Of the value model (its raw score).")
+
+
+class CustomerScore(BaseModel):
+    """What Rapport predicts for one customer."""
+
+    customer_id: str
+    as_of: dt.date | None = Field(description="Date of the features scored.")
+    churn_probability: float = Field(description="P(no purchase in the churn horizon).")
+    risk_tier: Literal["low", "medium", "high"]
+    churn_horizon_days: int
+    predicted_value: float = Field(description="Expected net spend over the value horizon.")
+    value_horizon_days: int
+    currency: str
+    expected_purchases: float | None = Field(description="BG/NBD, over the value horizon.")
+    p_alive: float | None = Field(description="BG/NBD probability the customer is active.")
+    expected_days_to_next_purchase: float | None = Field(
+        description="If active; null when not expected."
+    )
+    expected_next_purchase_date: dt.date | None
+    segment: str | None = Field(description="RFM segment.")
+    reasons: Reasons | None = Field(None, description="Only when the request asked (explain).")
+
+
+class ServedModelInfo(BaseModel):
+    """One served model version."""
+
+    name: str
+    version: str
+    alias: str | None
+    run_id: str | None
+
+
+class ModelVersions(BaseModel):
+    """The model versions that produced a response."""
+
+    churn: ServedModelInfo
+    clv: ServedModelInfo
+
+
+class ScoreResponse(BaseModel):
+    """Scores, one per customer in request order."""
+
+    models: ModelVersions
+    scores: list[CustomerScore]
+
+
+class MissingCustomer(BaseModel):
+    """A requested id that could not be scored."""
+
+    customer_id: str
+    reason: str
+
+
+class ByIdResponse(BaseModel):
+    """Scores for the known ids (request order) and the unknown ones."""
+
+    models: ModelVersions
+    snapshot_as_of: dt.date | None
+    scores: list[CustomerScore]
+    missing: list[MissingCustomer]
+
+
+class ModelDescription(ServedModelInfo):
+    """A served model and what it reads."""
+
+    task: str
+    horizon_days: int
+    features: list[str]
+
+
+class SnapshotInfo(BaseModel):
+    """The feature snapshot served by id."""
+
+    path: str | None
+    as_of: dt.date | None
+    customers: int
+
+
+class ServiceInfo(BaseModel):
+    """What the service serves."""
+
+    ready: bool
+    error: str | None
+    models: list[ModelDescription]
+    inputs: list[str] = Field(description="Feature fields a row must carry.")
+    categorical: list[str] = Field(description="Of those, the text ones.")
+    snapshot: SnapshotInfo | None
+    max_batch: int
+    max_events: int
+    currency: str
+
+
+def versions_of(scorer: Scorer) -> ModelVersions:
+    """The response's model block."""
+
+    def one(v: ModelVersion) -> ServedModelInfo:
+        return ServedModelInfo(name=v.name, version=v.version, alias=v.alias, run_id=v.run_id)
+
+    return ModelVersions(churn=one(scorer.churn_version), clv=one(scorer.value_version))
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def to_customer_scores(
+    scorer: Scorer,
+    scores: Scores,
+    customer_ids: list[str],
+    as_of: list[dt.date | None],
+    *,
+    currency: str,
+) -> list[CustomerScore]:
+    """Response rows from column-wise :class:`Scores`."""
+    out = []
+    churn_h, value_h = scorer.churn.horizon_days, scorer.value.horizon_days
+    proba = scores.churn_probability.tolist()
+    value = scores.predicted_value.tolist()
+    alive = scores.p_alive.tolist()
+    purchases = scores.expected_purchases.tolist()
+    days = scores.expected_days_to_next_purchase.tolist()
+    tiers = scores.risk_tier.tolist()
+    for i, cid in enumerate(customer_ids):
+        reasons = None
+        if scores.churn_reasons is not None and scores.value_reasons is not None:
+            reasons = Reasons(
+                churn=[Reason(**vars(r)) for r in scores.churn_reasons[i]],
+                value=[Reason(**vars(r)) for r in scores.value_reasons[i]],
+            )
+        out.append(
+            CustomerScore(
+                customer_id=cid,
+                as_of=as_of[i],
+                churn_probability=proba[i],
+                risk_tier=tiers[i],
+                churn_horizon_days=churn_h,
+                predicted_value=value[i],
+                value_horizon_days=value_h,
+                currency=currency,
+                expected_purchases=_finite(purchases[i]),
+                p_alive=_finite(alive[i]),
+                expected_days_to_next_purchase=_finite(days[i]),
+                expected_next_purchase_date=scores.expected_next_purchase_date[i],
+                segment=scores.segment[i],
+                reasons=reasons,
+            )
+        )
+    return out
+
+
+def check_rows(
+    rows: list[FeatureRow], scorer: Scorer, *, today: dt.date
+) -> tuple[dict[str, np.ndarray], list[dict[str, Any]]]:
+    """Column arrays for the scorer from feature rows, and every problem found.
+
+    Each problem is a pydantic-style error (``loc``, ``msg``, ``type``) naming the row and
+    field: a missing feature, an unknown field, text where a number belongs, a negative
+    count, a null where BG/NBD needs a number, a date after ``today``.
+    """
+    errors: list[dict[str, Any]] = []
+    extras = [row.__pydantic_extra__ or {} for row in rows]
+    for i, (row, extra) in enumerate(zip(rows, extras, strict=True)):
+        loc: tuple[Any, ...] = ("body", "customers", i)
+        if row.as_of is not None and row.as_of > today:
+            errors.append(_err((*loc, "as_of"), f"date {row.as_of} is in the future", "future"))
+        unknown = [k for k in extra if k not in scorer.known]
+        for k in unknown:
+            errors.append(_err((*loc, k), "unknown feature (see GET /v1/info)", "extra_forbidden"))
+    cols: dict[str, np.ndarray] = {}
+    for col in scorer.inputs:
+        values = [extra.get(col, _MISSING) for extra in extras]
+        bad = [i for i, v in enumerate(values) if v is _MISSING]
+        for i in bad:
+            errors.append(_err(("body", "customers", i, col), "feature is required", "missing"))
+        if bad:
+            continue
+        if col in scorer.categorical:
+            cols[col] = np.asarray([None if v is None else str(v) for v in values], dtype="object")
+            continue
+        texts = [i for i, v in enumerate(values) if isinstance(v, str)]
+        for i in texts:
+            errors.append(
+                _err(("body", "customers", i, col), "must be a finite number", "float_type")
+            )
+        if texts:
+            continue
+        array = np.asarray([np.nan if v is None else v for v in values], dtype="float64")
+        if col in _BTYD_REQUIRED:
+            for bad_row in np.flatnonzero(np.isnan(array)):
+                errors.append(
+                    _err(("body", "customers", int(bad_row), col), "must not be null", "missing")
+                )
+        if col in scorer.nonnegative:
+            for bad_row in np.flatnonzero(array < 0):
+                errors.append(
+                    _err(
+                        ("body", "customers", int(bad_row), col),
+                        "must be >= 0",
+                        "greater_than_equal",
+                    )
+                )
+        cols[col] = array
+    if not errors and cols.keys() >= _BTYD_REQUIRED:
+        errors += _btyd_errors(cols["frequency"], cols["recency"], cols["T"])
+    return cols, errors
+
+
+_MISSING = object()
+_BTYD_REQUIRED = frozenset({"frequency", "recency", "T", "monetary_value"})
+
+
+def _err(loc: tuple[Any, ...], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+def _btyd_errors(freq: np.ndarray, rec: np.ndarray, age: np.ndarray) -> list[dict[str, Any]]:
+    """BG/NBD's own rules on the summary (its fit would refuse these rows)."""
+    errors = []
+    for i in np.flatnonzero(freq != np.round(freq)):
+        errors.append(_err(("body", "customers", int(i), "frequency"), "must be whole", "int_type"))
+    for i in np.flatnonzero(rec > age):
+        errors.append(
+            _err(("body", "customers", int(i), "recency"), "must be <= T", "less_than_equal")
+        )
+    for i in np.flatnonzero((freq == 0) & (rec != 0)):
+        errors.append(
+            _err(
+                ("body", "customers", int(i), "recency"),
+                "must be 0 when frequency is 0",
+                "value_error",
+            )
+        )
+    return errors

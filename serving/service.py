@@ -1,0 +1,45 @@
+"""The BentoML service: ``bentoml serve rapport.serving.service:Rapport``.
+
+Scoring endpoints live in the mounted FastAPI app (:mod:`rapport.serving.api`) under
+``/v1``; BentoML adds ``/livez``, ``/readyz`` (ready only once the models are loaded),
+``/metrics`` (Prometheus), the OpenAPI page at ``/`` and Bento packaging
+(``rapport serve build``). Models load on a background thread at start, so health checks
+answer while they load.
+"""
+
+from __future__ import annotations
+
+import bentoml
+
+from rapport.serving.api import API_PREFIX, create_app
+from rapport.serving.core import ServiceState
+from rapport.serving.patches import patch_timeout_middleware
+from rapport.serving.settings import ServingSettings
+
+patch_timeout_middleware()
+
+app = create_app()
+
+#: Service options. One worker: LightGBM predictions are small and a second process would
+#: double the memory; scale out with more replicas. Requests time out after 30 s.
+SERVICE_CONFIG: dict[str, object] = {
+    "name": "rapport",
+    "workers": 1,
+    "traffic": {"timeout": 30},
+    "metrics": {"enabled": True, "namespace": "rapport"},
+}
+
+
+class RapportService:
+    """Scores customers with the champion churn and value models."""
+
+    def __init__(self) -> None:
+        self.state = ServiceState(ServingSettings())
+        app.state.rapport = self.state
+        self.state.load_in_background()
+
+    def __is_ready__(self) -> bool:
+        return self.state.ready
+
+
+Rapport = bentoml.service(**SERVICE_CONFIG)(bentoml.asgi_app(app, path=API_PREFIX)(RapportService))

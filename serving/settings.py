@@ -1,0 +1,43 @@
+"""Serving settings, read from the environment when the service or a command starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from rapport.training.settings import TrainingSettings
+
+
+class ServingSettings(TrainingSettings):
+    """Training's settings (``RAPPORT_HOME``, ``MLFLOW_TRACKING_URI``) plus the service's.
+
+    Environment variables (prefix ``RAPPORT_``): ``CHURN_MODEL`` and ``CLV_MODEL`` (registered
+    model names), ``MODEL_ALIAS`` (default ``champion``), ``CHURN_BENTO_MODEL`` and
+    ``CLV_BENTO_MODEL`` (BentoML model-store tags; set by a built Bento, they win over the
+    registry), ``SNAPSHOT`` (the feature snapshot served by id), ``MAX_BATCH`` (customers per
+    request), ``MAX_EVENTS`` (events per posted history), ``CURRENCY`` (label of the predicted
+    value), ``HOST`` and ``PORT``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="RAPPORT_", frozen=True)
+
+    churn_model: str = Field("rapport-churn", description="Registered churn model name.")
+    clv_model: str = Field("rapport-clv", description="Registered value model name.")
+    model_alias: str = Field("champion", description="Registry alias to serve.")
+    churn_bento_model: str | None = Field(None, description="BentoML model tag (churn).")
+    clv_bento_model: str | None = Field(None, description="BentoML model tag (value).")
+    snapshot: Path | None = Field(
+        None, description="Feature snapshot (Parquet); default $RAPPORT_HOME/snapshot.parquet."
+    )
+    max_batch: int = Field(1000, ge=1, description="Most customers in one request.")
+    max_events: int = Field(10_000, ge=1, description="Most events in one posted history.")
+    currency: str = Field("USD", description="Currency of predicted values.")
+    host: str = Field("127.0.0.1", description="Address the service binds to.")
+    port: int = Field(3000, ge=1, le=65535, description="Port the service listens on.")
+
+    @property
+    def snapshot_path(self) -> Path:
+        """The feature snapshot served by customer id."""
+        return self.snapshot if self.snapshot is not None else self.home / "snapshot.parquet"
