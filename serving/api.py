@@ -130,3 +130,16 @@ def create_app(state: ServiceState | None = None) -> FastAPI:
         return {"ready": True}
 
     return app
+
+
+def standalone_app() -> FastAPI:
+    """The same app without BentoML, models loaded before it starts (``uvicorn --factory``).
+
+    For the benchmark's bare-FastAPI comparison and for embedding in another ASGI server.
+    """
+    from rapport.serving.settings import ServingSettings
+
+    state = ServiceState(ServingSettings()).load()
+    if not state.ready:
+        raise RuntimeError(f"models failed to load: {state.error}")
+    return create_app(state)
