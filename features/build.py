@@ -328,6 +328,61 @@ def iter_features(
         yield out if list(out.columns) == columns else out[columns]
 
 
+def stream_features(
+    transactions: TableSource,
+    interactions: TableSource | None = None,
+    *,
+    as_of: dt.date | str,
+    windows: Sequence[int] = defs.DEFAULT_WINDOWS,
+    interaction_pairs: Sequence[tuple[str, str]] | None = None,
+    validate: bool = True,
+    chunk_rows: int = 100_000,
+    connection: duckdb.DuckDBPyConnection | None = None,
+) -> Iterator[pd.DataFrame]:
+    """Features at one cutoff, ``chunk_rows`` customers at a time, in no particular order.
+
+    The columns and values of :func:`build_features`; Python holds one chunk at a time while
+    DuckDB keeps the query's working set inside its memory limit (spilling to disk), so
+    batch scoring of millions of customers runs in memory bounded by the chunk size.
+    """
+    (cutoff,) = parse_cutoffs([as_of] if isinstance(as_of, dt.date) else as_of)
+    tx = _table(transactions, "transactions", validate=validate)
+    ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
+    pairs: Sequence[tuple[str, str]] = ()
+    if ix is not None:
+        if isinstance(tx, pd.DataFrame) and isinstance(ix, pd.DataFrame):
+            tx, ix = _align_ids(tx, ix)
+        pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
+        if not pairs:
+            ix = None
+    spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
+    columns = defs.feature_columns(spec)
+    con = connection or connect()
+    _bind(con, "tx", "transactions", tx)
+    if ix is not None:
+        _bind(con, "ix", "interactions", ix)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cutoffs AS SELECT CAST(UNNEST($dates) AS DATE) AS as_of",
+        {"dates": [cutoff.isoformat()]},
+    )
+    try:
+        reader = con.execute(defs.features_sql(spec, ordered=False)).fetch_record_batch(chunk_rows)
+        for batch in reader:
+            out = batch.to_pandas()
+            out["as_of"] = pd.to_datetime(out["as_of"]).astype("datetime64[us]")
+            out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
+            if "preferred_channel" in out.columns:
+                out["preferred_channel"] = out["preferred_channel"].astype("string")
+            yield out[columns]
+    finally:
+        _unbind(con, "tx", tx)
+        if ix is not None:
+            _unbind(con, "ix", ix)
+        con.execute("DROP TABLE IF EXISTS cutoffs")
+        if connection is None:
+            con.close()
+
+
 def write_features(frames: Iterable[pd.DataFrame], out: Path) -> tuple[int, pd.DataFrame]:
     """Stream feature batches into one Parquet file, atomically.
 

@@ -7,6 +7,10 @@ together; the stage sub-apps themselves live beside their code.
 from __future__ import annotations
 
 import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import pandas as pd
@@ -18,11 +22,14 @@ from rapport.features.cli import (
     data_app,
     features_app,
     print_feature_summary,
+    run_or_exit,
     step,
     write_parquet_atomic,
 )
 from rapport.features.contracts import load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
+from rapport.serving.scoring import Scorer
+from rapport.serving.settings import ServingSettings
 from rapport.training.cli import print_metrics, quiet_mlflow
 from rapport.training.cli import register as register_training_commands
 from rapport.training.config import load_config
@@ -56,11 +63,19 @@ def demo(
             "--train/--no-train", help="Train, evaluate and register the churn and value models."
         ),
     ] = True,
+    serve_models: Annotated[
+        bool,
+        typer.Option(
+            "--serve/--no-serve",
+            help="Score everyone, then serve the champions on 127.0.0.1 until Ctrl-C.",
+        ),
+    ] = True,
 ) -> None:
     """Run the main job end to end on embedded demo data.
 
-    Generate data, build features and labels, summarise segments, then train the churn and
-    value models, compare them with the baselines in MLflow and register them.
+    Generate data, build features and labels, summarise segments, train the churn and value
+    models, compare them with the baselines in MLflow and register them, write the serving
+    snapshot, score every customer, and serve the champions over HTTP.
     """
     from rapport.features.synthetic import SyntheticConfig, write_synthetic
 
@@ -114,9 +129,250 @@ def demo(
             f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason})"
         )
     console.print(
-        "Next: `rapport models` lists versions; `mlflow ui --backend-store-uri "
+        "`rapport models` lists versions; `mlflow ui --backend-store-uri "
         f"{train_settings.tracking_uri}` browses the runs."
     )
+    serving = ServingSettings()
+    with step(f"Writing the serving snapshot (features as of {last_day})"):
+        snapshot = build_features(
+            summary.transactions_path, summary.interactions_path, as_of=[last_day], validate=False
+        )
+        write_parquet_atomic(snapshot, serving.snapshot_path)
+    from rapport.serving.batch import score_batch, score_chunks
+
+    scorer = _load_scorer(serving)
+    with step("Scoring every customer"):
+        scored = score_batch(
+            score_chunks(
+                summary.transactions_path,
+                summary.interactions_path,
+                as_of=last_day,
+                scorer=scorer,
+                validate=False,
+            ),
+            serving.home / "scores.parquet",
+        )
+    console.print(f"{scored.rows:,} customers scored -> {scored.out}")
+    if serve_models:
+        raise typer.Exit(code=run_service(serving, bento=None))
+    console.print("Serve them with `rapport serve`, then try:")
+    console.print(curl_example(serving.host, serving.port), soft_wrap=True, markup=False)
+
+
+serve_app = typer.Typer(
+    help="Serve the champion models over HTTP (BentoML), or build a Bento that pins them.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+app.add_typer(serve_app, name="serve")
+
+
+def _load_scorer(settings: ServingSettings) -> Scorer:
+    from rapport.serving.core import load_models
+
+    quiet_mlflow()
+    try:
+        churn, value = load_models(settings)
+    except LookupError as err:
+        console.print(f"[red]error:[/] {err}")
+        raise typer.Exit(code=2) from err
+    return Scorer(churn, value)
+
+
+def curl_example(host: str, port: int) -> str:
+    """A ready-to-paste request against a running service."""
+    return (
+        f"curl -s -X POST http://{host}:{port}/v1/score/by-id "
+        "-H 'Content-Type: application/json' "
+        """-d '{"customer_ids": ["1", "2"], "explain": 3}'"""
+    )
+
+
+def run_service(settings: ServingSettings, *, bento: str | None) -> int:
+    """Run ``bentoml serve`` in the foreground until interrupted; returns its exit code."""
+    target = bento or "rapport.serving.service:Rapport"
+    cmd = [
+        sys.executable,
+        "-m",
+        "bentoml",
+        "serve",
+        target,
+        "--host",
+        settings.host,
+        "--port",
+        str(settings.port),
+    ]
+    console.print(f"Serving {target} on http://{settings.host}:{settings.port} (Ctrl-C stops)")
+    console.print(f"OpenAPI page: http://{settings.host}:{settings.port}/  Try:")
+    console.print(curl_example(settings.host, settings.port), soft_wrap=True, markup=False)
+    env = {**os.environ, "RAPPORT_HOME": str(settings.home.resolve())}
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 0
+
+
+def _bento_exists(tag: str) -> bool:
+    import bentoml
+
+    try:
+        bentoml.bentos.get(tag)
+    except bentoml.exceptions.NotFound:
+        return False
+    return True
+
+
+@serve_app.callback()
+def serve(
+    ctx: typer.Context,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default 127.0.0.1; RAPPORT_HOST).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to listen on (default 3000; RAPPORT_PORT).")
+    ] = None,
+    bento: Annotated[
+        str,
+        typer.Option(help="Bento to serve when it exists (built by `rapport serve build`)."),
+    ] = "rapport:latest",
+    registry: Annotated[
+        bool,
+        typer.Option(
+            "--registry/--prefer-bento",
+            help="Serve the registry's current champions instead of the built Bento.",
+        ),
+    ] = False,
+) -> None:
+    """Serve the champion models on 127.0.0.1 (the built Bento if any, else the registry)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    settings = ServingSettings(**overrides)  # type: ignore[arg-type]
+    use = None if registry or not _bento_exists(bento) else bento
+    raise typer.Exit(code=run_service(settings, bento=use))
+
+
+@serve_app.command("build")
+def serve_build(
+    build_dir: Annotated[
+        Path | None,
+        typer.Option(help="Where to write service.py and bentofile.yaml ($RAPPORT_HOME/bento)."),
+    ] = None,
+) -> None:
+    """Copy the champion models into the BentoML store and build a Bento pinning them."""
+    from rapport.serving.bento import build_bento
+
+    settings = ServingSettings()
+    quiet_mlflow()
+    with step("Importing the champion models and building the Bento"):
+        try:
+            built = build_bento(settings, build_dir=build_dir)
+        except LookupError as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(code=2) from err
+    console.print(
+        f"Built Bento {built.tag}: {built.churn.label} as {built.churn_model_tag}, "
+        f"{built.clv.label} as {built.clv_model_tag}. Run it with `rapport serve`."
+    )
+
+
+@app.command("score")
+def score(
+    as_of: Annotated[
+        str | None,
+        typer.Option(help="Cutoff date YYYY-MM-DD (default: the last day of the data)."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output Parquet (default $RAPPORT_HOME/scores.parquet)."),
+    ] = None,
+    transactions: Annotated[
+        Path | None,
+        typer.Option("--transactions", "-t", help="Transactions (default: the demo data)."),
+    ] = None,
+    interactions: Annotated[
+        Path | None,
+        typer.Option("--interactions", "-i", help="Interactions (default: the demo data)."),
+    ] = None,
+    chunk_rows: Annotated[
+        int, typer.Option(min=1_000, help="Customers scored per chunk (bounds memory).")
+    ] = 200_000,
+    db_url: Annotated[
+        str | None,
+        typer.Option(help="Also write a table here (SQLAlchemy URL, e.g. postgresql+psycopg://)."),
+    ] = None,
+    table: Annotated[str, typer.Option(help="Table name for --db-url.")] = "rapport_scores",
+) -> None:
+    """Score every customer with the champion models as of a date, in chunks, to Parquet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from rapport.serving.batch import score_batch, score_chunks
+
+    settings = ServingSettings()
+    if transactions is None:
+        transactions = settings.demo_dir / "transactions.parquet"
+        demo_ix = settings.demo_dir / "interactions.parquet"
+        interactions = interactions or (demo_ix if demo_ix.exists() else None)
+        if not transactions.exists():
+            console.print("[red]error:[/] no --transactions and no demo data: run `rapport demo`")
+            raise typer.Exit(code=2)
+    scorer = _load_scorer(settings)
+    cutoff = _parse_day(as_of) if as_of else _last_day(transactions)
+    out = out or settings.home / "scores.parquet"
+    parquet_fast = transactions.suffix == ".parquet" and (
+        interactions is None or interactions.suffix == ".parquet"
+    )
+    chunks = score_chunks(
+        transactions,
+        interactions,
+        as_of=cutoff,
+        scorer=scorer,
+        chunk_rows=chunk_rows,
+        # Parquet written by Rapport is already in the contract: let DuckDB scan it.
+        validate=not parquet_fast,
+        duckdb_threads=settings.duckdb_threads,
+        duckdb_memory_limit=settings.duckdb_memory_limit,
+    )
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(f"Scoring customers as of {cutoff}", total=None)
+        result = run_or_exit(
+            lambda: score_batch(
+                chunks,
+                out,
+                database_url=db_url,
+                table=table,
+                progress=lambda n: bar.advance(task, n),
+            )
+        )
+    where = f" and table {result.table}" if result.table else ""
+    console.print(
+        f"Scored {result.rows:,} customers as of {cutoff} in {result.seconds:.1f} s "
+        f"({scorer.churn_version.label}, {scorer.value_version.label}) -> {result.out}{where}"
+    )
+
+
+def _parse_day(text: str) -> dt.date:
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError as err:
+        raise typer.BadParameter(f"--as-of must be YYYY-MM-DD, not {text!r}") from err
+
+
+def _last_day(transactions: Path) -> dt.date:
+    import duckdb
+
+    if transactions.suffix == ".parquet":
+        path = str(transactions).replace("'", "''")
+        row = duckdb.sql(f"SELECT max(timestamp) FROM read_parquet('{path}')").fetchone()
+        return pd.Timestamp(row[0]).date() if row else dt.date.today()
+    tx = load_transactions(transactions)
+    return pd.Timestamp(tx["timestamp"].max()).date()
 
 
 def main() -> None:

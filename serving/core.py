@@ -136,8 +136,8 @@ def _load_bento_model(tag: str) -> LoadedModel:
     version = ModelVersion(
         name=str(meta.get("registered_name", model.tag.name)),
         version=str(meta.get("registered_version", model.tag.version)),
-        alias=meta.get("alias"),
-        run_id=meta.get("run_id"),
+        alias=str(meta["alias"]) if meta.get("alias") else None,
+        run_id=str(meta["run_id"]) if meta.get("run_id") else None,
         source=f"bentoml:{model.tag}",
     )
     return load_pyfunc_dir(model.path_of("mlflow_model"), version)
@@ -343,12 +343,13 @@ class ServiceState:
                     }
                 )
                 continue
-            for field, events in (
-                ("transactions", cust.transactions),
-                ("interactions", cust.interactions),
-            ):
-                for j, event in enumerate(events):
-                    ts = _utc_naive(event.timestamp)
+            stamps = (
+                ("transactions", [p.timestamp for p in cust.transactions]),
+                ("interactions", [e.timestamp for e in cust.interactions]),
+            )
+            for field, times in stamps:
+                for j, when in enumerate(times):
+                    ts = _utc_naive(when)
                     if ts >= end:
                         errors.append(
                             {
@@ -373,8 +374,8 @@ class ServiceState:
             pairs = tuple(sorted({(c, e) for _, _, c, e in ix_rows}))
         ix: pd.DataFrame | None = None
         if pairs:
-            channel, event = pairs[0]
-            ix_rows.append((_NOBODY, pd.Timestamp(as_of), channel, event))
+            first_channel, first_event = pairs[0]
+            ix_rows.append((_NOBODY, pd.Timestamp(as_of), first_channel, first_event))
             ix = pd.DataFrame(ix_rows, columns=["customer_id", "timestamp", "channel", "event"])
         try:
             with self._duckdb_lock, warnings.catch_warnings():

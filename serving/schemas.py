@@ -254,6 +254,7 @@ def to_customer_scores(
     purchases = scores.expected_purchases.tolist()
     days = scores.expected_days_to_next_purchase.tolist()
     tiers = scores.risk_tier.tolist()
+    next_dates = scores.expected_next_purchase_date.tolist()
     for i, cid in enumerate(customer_ids):
         reasons = None
         if scores.churn_reasons is not None and scores.value_reasons is not None:
@@ -274,7 +275,7 @@ def to_customer_scores(
                 expected_purchases=_finite(purchases[i]),
                 p_alive=_finite(alive[i]),
                 expected_days_to_next_purchase=_finite(days[i]),
-                expected_next_purchase_date=scores.expected_next_purchase_date[i],
+                expected_next_purchase_date=next_dates[i],
                 segment=scores.segment[i],
                 reasons=reasons,
             )

@@ -193,7 +193,7 @@ class Scores:
     p_alive: np.ndarray
     expected_purchases: np.ndarray
     expected_days_to_next_purchase: np.ndarray
-    expected_next_purchase_date: list[dt.date | None]
+    expected_next_purchase_date: np.ndarray  # datetime64[D], NaT when not expected
     segment: list[str | None]
     churn_reasons: list[list[Reason]] | None = None
     value_reasons: list[list[Reason]] | None = None
@@ -209,22 +209,27 @@ class Scores:
                 "p_alive": self.p_alive,
                 "expected_purchases": self.expected_purchases,
                 "expected_days_to_next_purchase": self.expected_days_to_next_purchase,
-                "expected_next_purchase_date": pd.to_datetime(
-                    pd.Series(self.expected_next_purchase_date, dtype="object")
+                "expected_next_purchase_date": self.expected_next_purchase_date.astype(
+                    "datetime64[s]"
                 ),
                 "segment": self.segment,
             }
         )
 
 
-def _next_dates(as_of: Sequence[dt.date | None], days: np.ndarray) -> list[dt.date | None]:
-    out: list[dt.date | None] = []
-    for base, d in zip(as_of, days, strict=True):
-        if base is None or not np.isfinite(d) or d >= MAX_EXPECTED_DAYS:
-            out.append(None)
-        else:
-            out.append(base + dt.timedelta(days=int(np.ceil(d))))
-    return out
+def _next_dates(as_of: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """``as_of`` + ceil(days) as ``datetime64[D]``; NaT where not expected."""
+    ok = np.isfinite(days) & (days < MAX_EXPECTED_DAYS)
+    whole = np.where(ok, np.ceil(np.where(ok, days, 0.0)), 0.0).astype("int64")
+    dates = as_of + whole.astype("timedelta64[D]")
+    dates[~ok] = np.datetime64("NaT")
+    return dates
+
+
+def _day_array(as_of: Sequence[dt.date | None] | np.ndarray | None, n: int) -> np.ndarray:
+    if as_of is None:
+        return np.full(n, np.datetime64("NaT"), dtype="datetime64[D]")
+    return np.asarray(as_of, dtype="datetime64[D]")
 
 
 class Scorer:
@@ -311,7 +316,7 @@ class Scorer:
         cols: Mapping[str, np.ndarray],
         n: int,
         *,
-        as_of: Sequence[dt.date | None] | None = None,
+        as_of: Sequence[dt.date | None] | np.ndarray | None = None,
         segment: Sequence[str | None] | None = None,
         explain: int = 0,
     ) -> Scores:
@@ -350,7 +355,7 @@ class Scorer:
             p_alive=btyd.get("p_alive", nan),
             expected_purchases=btyd.get(f"expected_purchases_{h}d", nan),
             expected_days_to_next_purchase=days,
-            expected_next_purchase_date=_next_dates(as_of if as_of else [None] * n, days),
+            expected_next_purchase_date=_next_dates(_day_array(as_of, n), days),
             segment=list(segment) if segment is not None else [None] * n,
         )
         if explain > 0:
@@ -389,7 +394,7 @@ class Scorer:
         cols = self.columns_from_frame(frame)
         as_of = None
         if "as_of" in frame.columns:
-            as_of = [d.date() if pd.notna(d) else None for d in pd.to_datetime(frame["as_of"])]
+            as_of = pd.to_datetime(frame["as_of"]).to_numpy().astype("datetime64[D]")
         segment = None
         if "segment" in frame.columns:
             seg = frame["segment"].astype("object")

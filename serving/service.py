@@ -34,9 +34,13 @@ class RapportService:
     """Scores customers with the champion churn and value models."""
 
     def __init__(self) -> None:
-        self.state = ServiceState(ServingSettings())
+        self.state = ServiceState(self.make_settings())
         app.state.rapport = self.state
         self.state.load_in_background()
+
+    def make_settings(self) -> ServingSettings:
+        """Settings from the environment (a built Bento pins its model tags here)."""
+        return ServingSettings()
 
     def __is_ready__(self) -> bool:
         return self.state.ready

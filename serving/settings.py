@@ -23,19 +23,20 @@ class ServingSettings(TrainingSettings):
 
     model_config = SettingsConfigDict(env_prefix="RAPPORT_", frozen=True)
 
-    churn_model: str = Field("rapport-churn", description="Registered churn model name.")
-    clv_model: str = Field("rapport-clv", description="Registered value model name.")
-    model_alias: str = Field("champion", description="Registry alias to serve.")
-    churn_bento_model: str | None = Field(None, description="BentoML model tag (churn).")
-    clv_bento_model: str | None = Field(None, description="BentoML model tag (value).")
+    churn_model: str = Field(default="rapport-churn", description="Registered churn model name.")
+    clv_model: str = Field(default="rapport-clv", description="Registered value model name.")
+    model_alias: str = Field(default="champion", description="Registry alias to serve.")
+    churn_bento_model: str | None = Field(default=None, description="BentoML model tag (churn).")
+    clv_bento_model: str | None = Field(default=None, description="BentoML model tag (value).")
     snapshot: Path | None = Field(
-        None, description="Feature snapshot (Parquet); default $RAPPORT_HOME/snapshot.parquet."
+        default=None,
+        description="Feature snapshot (Parquet); default $RAPPORT_HOME/snapshot.parquet.",
     )
-    max_batch: int = Field(1000, ge=1, description="Most customers in one request.")
-    max_events: int = Field(10_000, ge=1, description="Most events in one posted history.")
-    currency: str = Field("USD", description="Currency of predicted values.")
-    host: str = Field("127.0.0.1", description="Address the service binds to.")
-    port: int = Field(3000, ge=1, le=65535, description="Port the service listens on.")
+    max_batch: int = Field(default=1000, ge=1, description="Most customers in one request.")
+    max_events: int = Field(default=10_000, ge=1, description="Most events in one posted history.")
+    currency: str = Field(default="USD", description="Currency of predicted values.")
+    host: str = Field(default="127.0.0.1", description="Address the service binds to.")
+    port: int = Field(default=3000, ge=1, le=65535, description="Port the service listens on.")
 
     @property
     def snapshot_path(self) -> Path:

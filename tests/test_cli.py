@@ -67,7 +67,7 @@ def test_labels_command(tmp_path, cdnow_csv):
 def test_demo_main_job(tmp_path, monkeypatch):
     monkeypatch.setenv("RAPPORT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = runner.invoke(app, ["demo", "--customers", "1500"])
+    result = runner.invoke(app, ["demo", "--customers", "1500", "--no-serve"])
     assert result.exit_code == 0, result.output
     feats = pd.read_parquet(tmp_path / "home" / "demo" / "features.parquet")
     labels = pd.read_parquet(tmp_path / "home" / "demo" / "labels.parquet")
@@ -78,6 +78,15 @@ def test_demo_main_job(tmp_path, monkeypatch):
     assert "rapport-churn v1: champion" in result.output
     assert "rapport-clv v1: champion" in result.output
     assert (tmp_path / "home" / "mlflow.db").exists()
+    # ... then writes the serving snapshot (one row per customer at the last day of data)
+    # and scores every customer with the champions.
+    snapshot = pd.read_parquet(tmp_path / "home" / "snapshot.parquet")
+    scores = pd.read_parquet(tmp_path / "home" / "scores.parquet")
+    assert snapshot["as_of"].nunique() == 1 and snapshot["customer_id"].is_unique
+    assert set(scores["customer_id"]) == set(snapshot["customer_id"])
+    assert scores["churn_probability"].between(0, 1).all()
+    assert (scores["churn_model"] == "rapport-churn/1").all()
+    assert "curl -s -X POST http://127.0.0.1:3000/v1/score/by-id" in result.output
 
 
 def test_every_option_has_help():
