@@ -13,27 +13,27 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import anyio
-import bentoml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from prometheus_client import Counter, Histogram
 
 from rapport.serving import schemas as s
 from rapport.serving.core import THREAD_THRESHOLD, InputError, NotReadyError, ServiceState
 
 API_PREFIX = "/v1"
 
-# bentoml.metrics creates the Prometheus objects lazily, once BentoML has set up its
-# multi-process registry, so they appear in the service's /metrics.
-SCORED = bentoml.metrics.Counter(
+# Under `bentoml serve` the environment already names BentoML's multi-process registry when
+# this module loads, so these appear in the service's /metrics.
+SCORED = Counter(
     name="rapport_customers_scored",
     documentation="Customers scored, by endpoint.",
     labelnames=["endpoint"],
 )
-UNKNOWN = bentoml.metrics.Counter(
+UNKNOWN = Counter(
     name="rapport_unknown_customers",
     documentation="Ids asked for that are not in the snapshot.",
 )
-SCORING_SECONDS = bentoml.metrics.Histogram(
+SCORING_SECONDS = Histogram(
     name="rapport_scoring_seconds",
     documentation="Time spent scoring one request (after parsing), by endpoint.",
     labelnames=["endpoint"],

@@ -396,7 +396,20 @@ class ServiceState:
                 [{"loc": ["body", "customers"], "msg": str(err), "type": "value_error"}]
             ) from err
         frame = frame[frame["customer_id"].astype("string") != _NOBODY].reset_index(drop=True)
-        # Customers whose purchases all come after as_of have no row: nothing to score.
+        # The feature code counts a customer from the first purchase (refunds alone are not
+        # one); such a history has no feature row, and the answer says which.
+        present = set(frame["customer_id"].astype("string"))
+        absent = [
+            {
+                "loc": ["body", "customers", i, "transactions"],
+                "msg": f"no purchase on or before {as_of} (refunds alone do not count)",
+                "type": "value_error",
+            }
+            for i, cust in enumerate(request.customers)
+            if cust.customer_id not in present
+        ]
+        if absent:
+            raise InputError(absent)
         missing_cols = [c for c in scorer.inputs if c not in frame.columns]
         for c in missing_cols:
             frame[c] = np.nan

@@ -1,0 +1,68 @@
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+
+from rapport.serving.scoring import CompiledModel, Scorer
+from rapport.training.models import FeatureSchemaError, next_purchase_date
+
+
+def _pyfunc_predictions(served, name: str) -> pd.DataFrame:
+    mlflow.set_tracking_uri(served.settings().tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    frame = served.snapshot.copy()
+    # MLflow's schema enforcement wants the text columns as plain strings.
+    for col in ("segment", "preferred_channel"):
+        frame[col] = frame[col].astype("object").where(frame[col].notna(), None)
+    return model.predict(frame)
+
+
+def test_scorer_equals_registered_models(served, state):
+    scorer = state.scorer
+    scores = scorer.score_frame(served.snapshot)
+    churn = _pyfunc_predictions(served, "rapport-churn")
+    value = _pyfunc_predictions(served, "rapport-clv")
+    np.testing.assert_allclose(scores.churn_probability, churn["churn_probability"], rtol=1e-12)
+    assert (scores.risk_tier == churn["risk_tier"].to_numpy()).all()
+    np.testing.assert_allclose(scores.predicted_value, value["predicted_value"], rtol=1e-12)
+    np.testing.assert_allclose(scores.p_alive, value["p_alive"], rtol=1e-12)
+    np.testing.assert_allclose(scores.expected_purchases, value["expected_purchases"], rtol=1e-12)
+    # The pyfunc's schema drops as_of, so the date is rebuilt from its expected days.
+    dates = next_purchase_date(
+        served.snapshot["as_of"], value["expected_days_to_next_purchase"].to_numpy()
+    )
+    expected = dates.to_numpy("datetime64[D]")
+    got = scores.expected_next_purchase_date
+    assert ((got == expected) | (np.isnat(got) & np.isnat(expected))).all()
+    assert np.isnat(got).sum() < len(got)  # most customers get a date
+
+
+def test_reasons_are_the_largest_contributions(served, state):
+    scorer: Scorer = state.scorer
+    rows = served.snapshot.head(20)
+    scores = scorer.score_frame(rows, explain=4)
+    contrib = scorer.churn.model.contributions(rows)
+    for i, reasons in enumerate(scores.churn_reasons):
+        assert len(reasons) == 4
+        sizes = [abs(r.contribution) for r in reasons]
+        assert sizes == sorted(sizes, reverse=True)
+        top = contrib.drop(columns="_bias").iloc[i].abs().nlargest(4)
+        assert [r.feature for r in reasons] == list(top.index)
+    # SHAP additivity: contributions plus bias give the raw score the probability came from.
+    assert scores.value_reasons is not None and len(scores.value_reasons) == 20
+
+
+def test_compiled_model_matches_pandas_path_on_unseen_categories(served, state):
+    compiled: CompiledModel = state.scorer.churn
+    rows = served.snapshot.head(5).copy()
+    rows["preferred_channel"] = pd.array(["fax", None, "email", "web", "zzz"], dtype="string")
+    cols = state.scorer.columns_from_frame(rows)
+    x = compiled.matrix(cols, len(rows), compiled.btyd(cols))
+    np.testing.assert_allclose(compiled.predict(x), compiled.model.predict_proba(rows), rtol=1e-12)
+
+
+def test_missing_feature_columns_are_named(served, state):
+    with pytest.raises(FeatureSchemaError, match="recency_days"):
+        state.scorer.columns_from_frame(served.snapshot.drop(columns="recency_days"))
