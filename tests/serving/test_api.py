@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import schemathesis
-from schemathesis.specs.openapi.checks import positive_data_acceptance
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from rapport.serving.api import create_app
 from rapport.serving.core import ServiceState
