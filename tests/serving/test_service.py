@@ -1,0 +1,235 @@
+"""The BentoML service: the class in-process, its ASGI app, a real `bentoml serve` of a built
+Bento on loopback, and the TimeoutMiddleware fix."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from bentoml._internal.server.http.traffic import TimeoutMiddleware
+from starlette.testclient import TestClient
+
+from rapport.serving.patches import patch_timeout_middleware
+
+
+def _env(served, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env.update({"RAPPORT_HOME": str(served.home), **extra})
+    return env
+
+
+def test_service_class_in_process(served, state, monkeypatch):
+    monkeypatch.setenv("RAPPORT_HOME", str(served.home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from rapport.serving.service import RapportService
+
+    service = RapportService()
+    assert service.state._loaded.wait(60)
+    assert service.__is_ready__(), service.state.error
+    ids = [str(c) for c in served.snapshot["customer_id"].head(5)]
+    from rapport.serving.schemas import ByIdRequest
+
+    result = service.state.score_ids(ByIdRequest(customer_ids=ids))
+    expected = state.scorer.score_frame(served.snapshot.head(5))
+    np.testing.assert_allclose(
+        [s.churn_probability for s in result.scores], expected.churn_probability, rtol=1e-12
+    )
+
+
+def test_bentoml_asgi_app(served, state, monkeypatch, json_row, tmp_path):
+    """The whole BentoML app (its middlewares, health, metrics, OpenAPI) in-process."""
+    monkeypatch.setenv("RAPPORT_HOME", str(served.home))
+    # `bentoml serve` sets this up for its workers; in-process the test does.
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    from rapport.serving.service import Rapport, app
+
+    with TestClient(Rapport.to_asgi()) as client:
+        app.state.rapport._loaded.wait(60)
+        assert client.get("/readyz").status_code == 200
+        assert client.get("/livez").status_code == 200
+        rows = [json_row(served.snapshot, i) for i in range(10)]
+        r = client.post("/v1/score", json={"customers": rows})
+        assert r.status_code == 200, r.text
+        expected = state.scorer.score_frame(served.snapshot.head(10))
+        got = [s["predicted_value"] for s in r.json()["scores"]]
+        np.testing.assert_allclose(got, expected.predicted_value, rtol=1e-12)
+        bad = client.post("/v1/score", json={"customers": [{"customer_id": "x"}]})
+        assert bad.status_code == 422
+        # Rapport's own counters show under a real server (multi-process registry), below.
+        assert client.get("/metrics").status_code == 200
+        spec = client.get("/docs.json").json()
+        assert {"/v1/score", "/v1/score/by-id", "/v1/score/history", "/v1/info"} <= set(
+            spec["paths"]
+        )
+        # Validation errors are documented as what they are: a list of located errors.
+        ref = spec["paths"]["/v1/score"]["post"]["responses"]["422"]["content"]["application/json"][
+            "schema"
+        ]["$ref"]
+        detail = spec["components"]["schemas"][ref.rsplit("/", 1)[1]]["properties"]["detail"]
+        assert detail["type"] == "array"
+
+
+# -- the TimeoutMiddleware fix ------------------------------------------------------------------
+
+
+async def _ok_app(scope, receive, send):
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _failing_app(scope, receive, send):
+    raise RuntimeError("boom before any response")
+
+
+async def _never_app(scope, receive, send):
+    await asyncio.Event().wait()
+
+
+def _run(middleware, timeout_check=None):
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        await middleware({"type": "http", "path": "/"}, receive, send)
+        pending = [h for h in getattr(loop, "_scheduled", []) if not h.cancelled()]
+        return pending
+
+    return asyncio.run(main()), sent
+
+
+def test_timeout_middleware_cancels_its_timer():
+    patch_timeout_middleware()
+    assert patch_timeout_middleware() is False  # idempotent
+    pending, sent = _run(TimeoutMiddleware(_ok_app, timeout=60))
+    assert sent[0]["status"] == 200
+    # Upstream leaves a 60 s timer (holding the request) on the loop for every request.
+    assert pending == []
+
+
+def test_timeout_middleware_still_times_out_and_fails_fast():
+    patch_timeout_middleware()
+    _, sent = _run(TimeoutMiddleware(_never_app, timeout=0.05))
+    assert sent[0]["status"] == 504
+    # An app that fails before responding no longer parks the client for the whole timeout.
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(TimeoutMiddleware(_failing_app, timeout=3600))
+    gc.collect()
+
+
+# -- a real server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read()
+    except OSError:
+        return 0, b""
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+@pytest.mark.slow
+def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
+    rapport = shutil.which("rapport", path=str(Path(sys.executable).parent))
+    assert rapport, "the rapport console script is not installed"
+    env = _env(served, BENTOML_HOME=str(tmp_path / "bentoml"))
+    build = subprocess.run(
+        [rapport, "serve", "build", "--build-dir", str(tmp_path / "build")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert build.returncode == 0, build.stdout + build.stderr
+    bentofile = yaml.safe_load((tmp_path / "build" / "bentofile.yaml").read_text())
+    assert bentofile["labels"] == {"churn_model": "rapport-churn/1", "clv_model": "rapport-clv/1"}
+    assert [m.split(":")[0] for m in bentofile["models"]] == ["rapport-churn", "rapport-clv"]
+    assert any(p.startswith("lightgbm==") for p in bentofile["python"]["packages"])
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [rapport, "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        status, deadline = 0, time.monotonic() + 120  # a cold start imports MLflow, LightGBM
+        while time.monotonic() < deadline and proc.poll() is None:
+            status, _ = _get(f"{base}/readyz", timeout=1)
+            if status == 200:
+                break
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=0.2)  # returns at once if the server dies
+        assert status == 200, f"server not ready (exit code {proc.poll()})"
+        status, info = _post(f"{base}/v1/score/by-id", {"customer_ids": ["1", "nobody"]})
+        assert status == 200, info
+        assert info["missing"] == [
+            {"customer_id": "nobody", "reason": "not in the feature snapshot"}
+        ]
+        ids = [str(c) for c in served.snapshot["customer_id"].head(20)]
+        status, body = _post(f"{base}/v1/score/by-id", {"customer_ids": ids})
+        assert status == 200
+        expected = state.scorer.score_frame(served.snapshot.head(20))
+        np.testing.assert_allclose(
+            [s["churn_probability"] for s in body["scores"]], expected.churn_probability
+        )
+        np.testing.assert_allclose(
+            [s["predicted_value"] for s in body["scores"]], expected.predicted_value
+        )
+        _, raw = _get(f"{base}/v1/info")
+        models = json.loads(raw)["models"]
+        assert [(m["name"], m["version"]) for m in models] == [
+            ("rapport-churn", "1"),
+            ("rapport-clv", "1"),
+        ]
+        status, metrics = _get(f"{base}/metrics")
+        assert status == 200 and b"rapport_customers_scored_total" in metrics
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
