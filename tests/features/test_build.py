@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rapport.features.build import build_features, build_labels, parse_cutoffs
+from rapport.features.build import build_features, build_labels, parse_cutoffs, stream_features
 from rapport.features.definitions import FeatureSpec, feature_columns, features_sql, transpile
 
 AS_OF = "2024-03-01"
@@ -341,3 +341,11 @@ def test_streamed_batches_equal_one_build_and_write_atomically(tmp_path, tiny_tx
     with pytest.raises(RuntimeError, match="disk full"):
         write_features(failing(), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["features.parquet"]
+
+
+def test_streamed_chunks_equal_build_features(tiny_tx, tiny_ix):
+    whole = build_features(tiny_tx, tiny_ix, as_of="2024-06-30")
+    chunks = list(stream_features(tiny_tx, tiny_ix, as_of="2024-06-30", chunk_rows=1))
+    assert len(chunks) == len(whole) and all(len(c) == 1 for c in chunks)
+    streamed = pd.concat(chunks).sort_values("customer_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(streamed, whole.sort_values("customer_id").reset_index(drop=True))

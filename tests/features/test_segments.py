@@ -6,7 +6,13 @@ import pandas as pd
 import pytest
 
 from rapport.features.build import build_features
-from rapport.features.segments import SEGMENT_RULES, SEGMENTS, segment_of, segment_summary
+from rapport.features.segments import (
+    SEGMENT_RULES,
+    SEGMENTS,
+    scores_against,
+    segment_of,
+    segment_summary,
+)
 from rapport.features.synthetic import SyntheticConfig, generate_synthetic
 
 
@@ -58,3 +64,30 @@ def test_segment_summary(world):
     champions = summary[summary["segment"] == "Champions"]["recency_days"].mean()
     lost = summary[summary["segment"] == "Lost"]["recency_days"].mean()
     assert champions < lost
+
+
+def test_scores_against_the_population_reproduce_the_sql_scores(world):
+    tx, ix = world
+    feats = build_features(tx, ix, as_of="2025-06-30")
+    scored = scores_against(feats, feats)
+    for col in ("r_score", "f_score", "m_score", "fm_score"):
+        assert scored[col].tolist() == feats[col].tolist(), col
+    assert scored["segment"].astype(str).tolist() == feats["segment"].astype(str).tolist()
+
+
+def test_scores_against_rank_a_newcomer_in_the_reference():
+    reference = pd.DataFrame(
+        {
+            "recency_days": [1, 10, 50, 100, 400],
+            "n_purchase_days": [9, 5, 3, 2, 1],
+            "total_spend": [900.0, 300.0, 120.0, 40.0, 5.0],
+        }
+    )
+    newcomer = pd.DataFrame({"recency_days": [0], "n_purchase_days": [1], "total_spend": [45.0]})
+    # Nobody in the reference is more recent: percent rank 0 -> R=5; one has fewer purchase
+    # days (none), so F=1; spend is above 2 of 5 -> rank 2/4 -> M=3; FM=ceil(4/2)=2.
+    s = scores_against(newcomer, reference).iloc[0]
+    assert (s["r_score"], s["f_score"], s["m_score"], s["fm_score"]) == (5, 1, 3, 2)
+    assert s["segment"] == segment_of(5, 2)
+    with pytest.raises(ValueError, match="empty"):
+        scores_against(newcomer, reference.iloc[:0])

@@ -358,3 +358,18 @@ def test_gamma_gamma_input_errors():
         GammaGammaModel().fit([1, 2], [10.0])
     with pytest.raises(ValueError, match="undefined"):
         GammaGammaModel.from_params(p=1, q=0.5, v=1).conditional_expected_average_profit([0], [0])
+
+
+def test_conditional_summary_equals_the_separate_predictions(cdnow, bg):
+    x, t_x, big_t = cdnow["frequency"], cdnow["recency"], cdnow["T"]
+    summary = bg.conditional_summary(13.0, x, t_x, big_t)
+    np.testing.assert_array_equal(summary["p_alive"], bg.probability_alive(x, t_x, big_t))
+    np.testing.assert_array_equal(
+        summary["expected_purchases"], bg.conditional_expected_purchases(13.0, x, t_x, big_t)
+    )
+    np.testing.assert_array_equal(
+        summary["p_no_purchase"], bg.probability_no_purchase(13.0, x, t_x, big_t)
+    )
+    np.testing.assert_array_equal(
+        summary["time_to_next"], bg.expected_time_to_next_purchase(x, t_x, big_t)
+    )

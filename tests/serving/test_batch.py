@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pandas as pd
+import psycopg
+import pytest
+import sqlalchemy as sa
+from typer.testing import CliRunner
+
+from rapport.serving.batch import OUTPUT_COLUMNS, score_batch, score_chunks
+from rapport.serving.cli import app
+
+
+def _scores(served, state, chunk_rows):
+    return list(
+        score_chunks(
+            served.transactions,
+            served.interactions,
+            as_of=served.as_of,
+            scorer=state.scorer,
+            chunk_rows=chunk_rows,
+        )
+    )
+
+
+def test_chunks_cover_everyone_once_and_match_in_memory_scoring(served, state):
+    chunks = _scores(served, state, chunk_rows=400)
+    assert len(chunks) >= 3 and max(len(c) for c in chunks) <= 400
+    out = pd.concat(chunks).sort_values("customer_id").reset_index(drop=True)
+    assert list(out.columns) == list(OUTPUT_COLUMNS)
+    assert out["customer_id"].is_unique
+    snapshot = served.snapshot.sort_values("customer_id").reset_index(drop=True)
+    assert out["customer_id"].tolist() == snapshot["customer_id"].tolist()
+    expected = state.scorer.score_frame(snapshot)
+    np.testing.assert_allclose(out["churn_probability"], expected.churn_probability, rtol=1e-12)
+    np.testing.assert_allclose(out["predicted_value"], expected.predicted_value, rtol=1e-12)
+    assert (out["churn_model"] == "rapport-churn/1").all()
+
+
+def test_failure_midway_leaves_no_file(served, state, tmp_path):
+    def broken():
+        yield from _scores(served, state, chunk_rows=400)[:1]
+        raise RuntimeError("disk on fire")
+
+    out = tmp_path / "scores.parquet"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        score_batch(broken(), out)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture
+def pg_url():
+    name = f"rapport_test_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres", autocommit=True) as con:
+        con.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres", autocommit=True) as con:
+        con.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_postgres_table_is_swapped_in_whole_or_not_at_all(served, state, tmp_path, pg_url):
+    chunks = _scores(served, state, chunk_rows=500)
+    result = score_batch(iter(chunks), tmp_path / "a.parquet", database_url=pg_url, table="scores")
+    engine = sa.create_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            n = conn.execute(sa.text("SELECT count(*) FROM scores")).scalar_one()
+            assert n == result.rows == sum(len(c) for c in chunks)
+
+        def broken():
+            yield chunks[0]
+            raise RuntimeError("lost the connection")
+
+        with pytest.raises(RuntimeError):
+            score_batch(broken(), tmp_path / "b.parquet", database_url=pg_url, table="scores")
+        with engine.connect() as conn:
+            # The previous table is intact and the staging table is gone.
+            assert conn.execute(sa.text("SELECT count(*) FROM scores")).scalar_one() == n
+            tables = sa.inspect(conn).get_table_names()
+            assert tables == ["scores"]
+        assert not (tmp_path / "b.parquet").exists()
+    finally:
+        engine.dispose()
+
+
+def test_score_command(served, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPPORT_HOME", str(served.home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(
+        app,
+        ["score", "--as-of", served.as_of.isoformat(), "--out", str(out), "--chunk-rows", "1000"],
+    )
+    assert result.exit_code == 0, result.output
+    scores = pd.read_parquet(out)
+    assert len(scores) == len(served.snapshot)
+    assert scores["churn_probability"].between(0, 1).all()
+    bad = CliRunner().invoke(app, ["score", "--as-of", "31/12/2024", "--out", str(out)])
+    assert bad.exit_code == 2 and "YYYY-MM-DD" in bad.output
