@@ -199,6 +199,7 @@ class ModelDescription(ServedModelInfo):
 
     task: str
     horizon_days: int
+    source: str = Field(description="Where it was loaded from: a registry URI or a Bento model.")
     features: list[str]
 
 

@@ -225,6 +225,8 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
             ("rapport-churn", "1"),
             ("rapport-clv", "1"),
         ]
+        # Served from the Bento's pinned copies, not from the registry.
+        assert [m["source"].split(":")[0] for m in models] == ["bentoml"] * 2
         status, metrics = _get(f"{base}/metrics")
         assert status == 200 and b"rapport_customers_scored_total" in metrics
     finally:
