@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
 from rapport.features.build import build_features
 from rapport.features.synthetic import SyntheticConfig, write_synthetic
@@ -79,3 +81,31 @@ def _json_row(frame: pd.DataFrame, i: int) -> dict[str, object]:
         else:
             out[key] = float(value)
     return out
+
+
+@pytest.fixture(scope="session")
+def fuzz():
+    return _fuzz
+
+
+def _fuzz(schema, examples: int) -> None:
+    """Schemathesis over every operation of ``schema``: no 5xx, answers as documented."""
+    for result in schema.get_all_operations():
+        operation = result.ok()
+
+        @given(case=operation.as_strategy())
+        @settings(
+            max_examples=examples,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(HealthCheck),
+        )
+        def check(case):
+            response = case.call()
+            assert response.status_code < 500, (case.path, case.body, response.text)
+            # Feature fields depend on the served models, so a schema-valid row may lack
+            # one: that 422 is the intended answer (every other check runs).
+            case.validate_response(response, excluded_checks=[positive_data_acceptance])
+
+        check()
