@@ -78,6 +78,8 @@ class FeatureSnapshot:
         frame = frame[~ids.duplicated(keep="last")].reset_index(drop=True)
         ids = frame["customer_id"].astype("string")
         cols = scorer.columns_from_frame(frame)
+        # BG/NBD's input rules, checked once here so that lookups can skip them.
+        scorer.churn.btyd(cols, check=True)
         as_of: list[dt.date | None] = (
             [d.date() if pd.notna(d) else None for d in pd.to_datetime(frame["as_of"])]
             if "as_of" in frame.columns
@@ -235,7 +237,7 @@ class ServiceState:
             for r in rows
         ]
         scores = scorer.score(
-            cols, len(rows), as_of=as_of, segment=segment, explain=request.explain
+            cols, len(rows), as_of=as_of, segment=segment, explain=request.explain, validated=True
         )
         return s.ScoreResponse(
             models=s.versions_of(scorer),
@@ -275,6 +277,8 @@ class ServiceState:
                 as_of=as_of,
                 segment=[snap.segment[i] for i in found],
                 explain=request.explain,
+                # Rows of the pipeline's own snapshot.
+                validated=True,
             )
             scores = s.to_customer_scores(
                 scorer, result, ids, as_of, currency=self.settings.currency

@@ -291,57 +291,55 @@ def check_rows(
 
     Each problem is a pydantic-style error (``loc``, ``msg``, ``type``) naming the row and
     field: a missing feature, an unknown field, text where a number belongs, a negative
-    count, a null where BG/NBD needs a number, a date after ``today``.
+    count, a null where BG/NBD needs a number, a date after ``today``. The common case (no
+    problem) is checked with set operations and one matrix, not a loop per field.
     """
     errors: list[dict[str, Any]] = []
+    numeric = scorer.numeric
+    needed = scorer.input_set
     extras = [row.__pydantic_extra__ or {} for row in rows]
     for i, (row, extra) in enumerate(zip(rows, extras, strict=True)):
         loc: tuple[Any, ...] = ("body", "customers", i)
         if row.as_of is not None and row.as_of > today:
             errors.append(_err((*loc, "as_of"), f"date {row.as_of} is in the future", "future"))
-        unknown = [k for k in extra if k not in scorer.known]
-        for k in unknown:
+        keys = extra.keys()
+        for k in keys - scorer.known:
             errors.append(_err((*loc, k), "unknown feature (see GET /v1/info)", "extra_forbidden"))
-    cols: dict[str, np.ndarray] = {}
-    for col in scorer.inputs:
-        values = [extra.get(col, _MISSING) for extra in extras]
-        bad = [i for i, v in enumerate(values) if v is _MISSING]
-        for i in bad:
-            errors.append(_err(("body", "customers", i, col), "feature is required", "missing"))
-        if bad:
-            continue
-        if col in scorer.categorical:
-            cols[col] = np.asarray([None if v is None else str(v) for v in values], dtype="object")
-            continue
-        texts = [i for i, v in enumerate(values) if isinstance(v, str)]
-        for i in texts:
-            errors.append(
-                _err(("body", "customers", i, col), "must be a finite number", "float_type")
-            )
-        if texts:
-            continue
-        array = np.asarray([np.nan if v is None else v for v in values], dtype="float64")
-        if col in _BTYD_REQUIRED:
-            for bad_row in np.flatnonzero(np.isnan(array)):
-                errors.append(
-                    _err(("body", "customers", int(bad_row), col), "must not be null", "missing")
-                )
-        if col in scorer.nonnegative:
-            for bad_row in np.flatnonzero(array < 0):
-                errors.append(
-                    _err(
-                        ("body", "customers", int(bad_row), col),
-                        "must be >= 0",
-                        "greater_than_equal",
-                    )
-                )
-        cols[col] = array
-    if not errors and cols.keys() >= _BTYD_REQUIRED:
+        for k in sorted(needed - keys, key=scorer.inputs.index):
+            errors.append(_err((*loc, k), "feature is required", "missing"))
+        for k in numeric:
+            if isinstance(extra.get(k), str):
+                errors.append(_err((*loc, k), "must be a finite number", "float_type"))
+    if errors:
+        # Blank out what is already reported, so that the value checks below still run.
+        values = [[_number_or_none(extra.get(k)) for k in numeric] for extra in extras]
+    else:
+        values = [[extra[k] for k in numeric] for extra in extras]
+    matrix = np.array(values, dtype="float64")  # None becomes NaN
+    for j, k in scorer.required_numeric:
+        for i in np.flatnonzero(np.isnan(matrix[:, j])):
+            if k in extras[i] and extras[i][k] is None:
+                errors.append(_err(("body", "customers", int(i), k), "must not be null", "missing"))
+    negative = matrix[:, scorer.nonnegative_index] < 0
+    for i, j in zip(*np.nonzero(negative), strict=True):
+        k = numeric[scorer.nonnegative_index[j]]
+        errors.append(_err(("body", "customers", int(i), k), "must be >= 0", "greater_than_equal"))
+    if errors:
+        return {}, errors
+    cols: dict[str, np.ndarray] = {k: matrix[:, j] for j, k in enumerate(numeric)}
+    for k in scorer.categorical:
+        cols[k] = np.asarray(
+            [None if (v := extra[k]) is None else str(v) for extra in extras], dtype="object"
+        )
+    if cols.keys() >= _BTYD_REQUIRED:
         errors += _btyd_errors(cols["frequency"], cols["recency"], cols["T"])
     return cols, errors
 
 
-_MISSING = object()
+def _number_or_none(value: float | str | None) -> float | None:
+    return None if isinstance(value, str) else value
+
+
 _BTYD_REQUIRED = frozenset({"frequency", "recency", "T", "monetary_value"})
 
 

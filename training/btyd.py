@@ -505,7 +505,13 @@ class BetaGeoModel:
             return np.where(shape > 0, (alpha + big_t) / np.where(shape > 0, shape, 1.0), np.inf)
 
     def conditional_summary(
-        self, t: float, frequency: ArrayLike, recency: ArrayLike, T: ArrayLike
+        self,
+        t: float,
+        frequency: ArrayLike,
+        recency: ArrayLike,
+        T: ArrayLike,
+        *,
+        check: bool = True,
     ) -> dict[str, FloatArray]:
         """All per-customer predictions for a horizon ``t``, validating the inputs once.
 
@@ -513,13 +519,21 @@ class BetaGeoModel:
         :meth:`probability_no_purchase` and :meth:`expected_time_to_next_purchase`: scoring
         one customer spent most of its time checking the same three arrays four times.
 
+        ``check=False`` skips the input checks, for callers that already enforced them
+        (serving validates every request row against the same rules).
+
         Returns
         -------
         dict
             ``p_alive``, ``expected_purchases``, ``p_no_purchase`` and ``time_to_next``.
         """
         r, alpha, _, _ = self._fitted()
-        x, t_x, big_t = _rfm(frequency, recency, T)
+        if check:
+            x, t_x, big_t = _rfm(frequency, recency, T)
+        else:
+            x = np.asarray(frequency, dtype=np.float64)
+            t_x = np.asarray(recency, dtype=np.float64)
+            big_t = np.asarray(T, dtype=np.float64)
         times = _horizon(t)
         log_odds = self._log_odds_dead(x, t_x, big_t)
         alive = np.asarray(expit(-log_odds), dtype=np.float64)

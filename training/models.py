@@ -157,14 +157,16 @@ class BTYDFeatures:
         """Gamma-Gamma's expected spend per purchase (the mean repeat spend as fallback)."""
         if self.gamma_gamma_ is None:
             return np.full(len(freq), self.mean_spend_)
-        valid = (freq > 0) & (money > 0)
-        safe_money = np.where(valid, money, 1.0)
-        spend = self.gamma_gamma_.conditional_expected_average_profit(
-            np.where(valid, freq, 1.0), safe_money
-        )
-        # Customers without a positive repeat spend get the population mean of the model,
-        # p v / (q - 1): the conditional mean at frequency 0, without a second input check.
         gg = self.gamma_gamma_
+        valid = (freq > 0) & (money > 0)
+        x = np.where(valid, freq, 1.0)
+        m = np.where(valid, money, 1.0)
+        # GammaGammaModel.conditional_expected_average_profit's formula, p (v + x m) /
+        # (p x + q - 1), on inputs the BG/NBD summary already checked: its own checks cost
+        # more than the maths when scoring one customer.
+        spend = gg.p_ * (gg.v_ + x * m) / (gg.p_ * x + gg.q_ - 1.0)
+        # Customers without a positive repeat spend get the population mean of the model,
+        # p v / (q - 1), the conditional mean at frequency 0.
         population = gg.p_ * gg.v_ / (gg.q_ - 1.0) if gg.q_ > 1.0 else self.mean_spend_
         return np.where(valid, spend, population)
 
@@ -175,17 +177,23 @@ class BTYDFeatures:
         return pd.DataFrame(self.arrays(*_btyd_inputs(frame)), index=frame.index)
 
     def arrays(
-        self, freq: np.ndarray, rec: np.ndarray, age: np.ndarray, money: np.ndarray
+        self,
+        freq: np.ndarray,
+        rec: np.ndarray,
+        age: np.ndarray,
+        money: np.ndarray,
+        *,
+        check: bool = True,
     ) -> dict[str, np.ndarray]:
         """The added columns as arrays, from the summary in weeks (see :meth:`transform`).
 
-        Serving calls this on plain arrays: building a DataFrame costs more than the maths
-        for one customer.
+        Serving calls this on plain arrays (building a DataFrame costs more than the maths
+        for one customer), with ``check=False`` on rows it has already validated.
         """
         if self.bgnbd_ is None:
             raise RuntimeError("BTYDFeatures is not fitted")
         h = self.horizon_days
-        bg = self.bgnbd_.conditional_summary(h / DAYS_PER_WEEK, freq, rec, age)
+        bg = self.bgnbd_.conditional_summary(h / DAYS_PER_WEEK, freq, rec, age, check=check)
         purchases = bg["expected_purchases"]
         return {
             "p_alive": bg["p_alive"],
