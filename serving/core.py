@@ -12,7 +12,6 @@ import datetime as dt
 import gc
 import logging
 import threading
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -388,8 +387,8 @@ class ServiceState:
             ix_rows.append((_NOBODY, pd.Timestamp(as_of), first_channel, first_event))
             ix = pd.DataFrame(ix_rows, columns=["customer_id", "timestamp", "channel", "event"])
         try:
-            with self._duckdb_lock, warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+            # One DuckDB connection, one query at a time (connections are not thread-safe).
+            with self._duckdb_lock:
                 if self._con is None:
                     self._con = connect(threads=1)
                 frame = build_features(
