@@ -310,6 +310,7 @@ def check_rows(
         for k in numeric:
             if isinstance(extra.get(k), str):
                 errors.append(_err((*loc, k), "must be a finite number", "float_type"))
+    values: list[list[float | str | None]]
     if errors:
         # Blank out what is already reported, so that the value checks below still run.
         values = [[_number_or_none(extra.get(k)) for k in numeric] for extra in extras]
@@ -317,13 +318,13 @@ def check_rows(
         values = [[extra[k] for k in numeric] for extra in extras]
     matrix = np.array(values, dtype="float64")  # None becomes NaN
     for j, k in scorer.required_numeric:
-        for i in np.flatnonzero(np.isnan(matrix[:, j])):
-            if k in extras[i] and extras[i][k] is None:
-                errors.append(_err(("body", "customers", int(i), k), "must not be null", "missing"))
+        for r in np.flatnonzero(np.isnan(matrix[:, j])).tolist():
+            if k in extras[r] and extras[r][k] is None:
+                errors.append(_err(("body", "customers", r, k), "must not be null", "missing"))
     negative = matrix[:, scorer.nonnegative_index] < 0
-    for i, j in zip(*np.nonzero(negative), strict=True):
-        k = numeric[scorer.nonnegative_index[j]]
-        errors.append(_err(("body", "customers", int(i), k), "must be >= 0", "greater_than_equal"))
+    for r, c in zip(*(a.tolist() for a in np.nonzero(negative)), strict=True):
+        k = numeric[scorer.nonnegative_index[c]]
+        errors.append(_err(("body", "customers", r, k), "must be >= 0", "greater_than_equal"))
     if errors:
         return {}, errors
     cols: dict[str, np.ndarray] = {k: matrix[:, j] for j, k in enumerate(numeric)}
