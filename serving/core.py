@@ -28,8 +28,11 @@ from rapport.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
 
-#: Above this many customers a request is scored off the event loop.
-THREAD_THRESHOLD = 64
+#: Above this many customers a request is scored off the event loop. A thread hop cost
+#: ~1 ms and widened the tails of 100-customer requests (bench/serving_bench.py: 125 -> 145
+#: req/s at c=8, p99 90 -> 58 ms); past ~128 customers (~9 ms of scoring) the loop would be
+#: held long enough to delay health checks and other clients.
+THREAD_THRESHOLD = 128
 #: A stand-in customer with one interaction and no purchase: gives a posted history without
 #: interactions the interaction columns a customer without activity gets in training.
 _NOBODY = "\x00rapport-nobody"

@@ -12,7 +12,7 @@ import schemathesis
 from fastapi.testclient import TestClient
 
 from rapport.serving.api import create_app
-from rapport.serving.core import ServiceState
+from rapport.serving.core import THREAD_THRESHOLD, ServiceState
 
 
 @pytest.fixture(scope="module")
@@ -235,3 +235,15 @@ def test_openapi_fuzz_never_5xx(state, fuzz):
     paths = {result.ok().path for result in schema.get_all_operations()}
     assert paths >= {"/score", "/score/by-id", "/score/history"}
     fuzz(schema, examples=30)
+
+
+def test_big_requests_are_scored_off_the_event_loop_with_the_same_answers(
+    client, served, state, json_row
+):
+    n = THREAD_THRESHOLD + 20
+    rows = [json_row(served.snapshot, i) for i in range(n)]
+    r = client.post("/score", json={"customers": rows})
+    assert r.status_code == 200, r.text
+    expected = state.scorer.score_frame(served.snapshot.head(n))
+    got = [s["churn_probability"] for s in r.json()["scores"]]
+    np.testing.assert_allclose(got, expected.churn_probability, rtol=1e-12)
