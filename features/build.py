@@ -6,6 +6,7 @@ registers them with an embedded DuckDB connection, runs the queries and hands ba
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -169,6 +170,66 @@ def discover_interaction_pairs(interactions: Input) -> tuple[tuple[str, str], ..
     return defs.discover_pairs(rows)
 
 
+@contextlib.contextmanager
+def _bound(
+    connection: duckdb.DuckDBPyConnection | None,
+    *,
+    cutoffs: Sequence[dt.date],
+    tx: Input,
+    ix: Input | None,
+) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A connection with ``tx``, ``ix`` and the ``cutoffs`` table bound, for one query.
+
+    Everything is unbound afterwards, and the connection closed when it was opened here.
+    """
+    con = connection or connect()
+    _bind(con, "tx", "transactions", tx)
+    if ix is not None:
+        _bind(con, "ix", "interactions", ix)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE cutoffs AS SELECT CAST(UNNEST($dates) AS DATE) AS as_of",
+        {"dates": [d.isoformat() for d in cutoffs]},
+    )
+    try:
+        yield con
+    finally:
+        _unbind(con, "tx", tx)
+        if ix is not None:
+            _unbind(con, "ix", ix)
+        con.execute("DROP TABLE IF EXISTS cutoffs")
+        if connection is None:
+            con.close()
+
+
+def _prepare(
+    transactions: TableSource,
+    interactions: TableSource | None,
+    *,
+    windows: Sequence[int],
+    interaction_pairs: Sequence[tuple[str, str]] | None,
+    validate: bool,
+) -> tuple[Input, Input | None, defs.FeatureSpec]:
+    """Inputs ready to bind, and the spec: interaction pairs discovered unless pinned."""
+    tx = _table(transactions, "transactions", validate=validate)
+    ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
+    pairs: Sequence[tuple[str, str]] = ()
+    if ix is not None:
+        if isinstance(tx, pd.DataFrame) and isinstance(ix, pd.DataFrame):
+            tx, ix = _align_ids(tx, ix)
+        pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
+        if not pairs:
+            ix = None
+    return tx, ix, defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
+
+
+def _typed(out: pd.DataFrame) -> pd.DataFrame:
+    """The text columns as :func:`build_features` types them."""
+    out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
+    if "preferred_channel" in out.columns:
+        out["preferred_channel"] = out["preferred_channel"].astype("string")
+    return out
+
+
 def _run(
     sql: str,
     *,
@@ -183,26 +244,11 @@ def _run(
     Sorting the Arrow result costs about as much CPU as an ``ORDER BY`` over the wide rows in
     DuckDB, but that one ran past the memory budget and spilled to disk on large results.
     """
-    con = connection or connect()
-    _bind(con, "tx", "transactions", tx)
-    if ix is not None:
-        _bind(con, "ix", "interactions", ix)
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE cutoffs AS SELECT CAST(UNNEST($dates) AS DATE) AS as_of",
-        {"dates": [d.isoformat() for d in cutoffs]},
-    )
-    try:
+    with _bound(connection, cutoffs=cutoffs, tx=tx, ix=ix) as con:
         result = con.execute(sql)
         # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
         fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
         table = fetch()
-    finally:
-        _unbind(con, "tx", tx)
-        if ix is not None:
-            _unbind(con, "ix", ix)
-        con.execute("DROP TABLE IF EXISTS cutoffs")
-        if connection is None:
-            con.close()
     if sort:
         table = table.sort_by([("as_of", "ascending"), ("customer_id", "ascending")])
     as_of = table.schema.get_field_index("as_of")
@@ -297,16 +343,13 @@ def iter_features(
     caller can write them out as they come and hold one batch in memory, not all of them.
     """
     cutoffs = parse_cutoffs(as_of)
-    tx = _table(transactions, "transactions", validate=validate)
-    ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
-    pairs: Sequence[tuple[str, str]] = ()
-    if ix is not None:
-        if isinstance(tx, pd.DataFrame) and isinstance(ix, pd.DataFrame):
-            tx, ix = _align_ids(tx, ix)
-        pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
-        if not pairs:
-            ix = None
-    spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
+    tx, ix, spec = _prepare(
+        transactions,
+        interactions,
+        windows=windows,
+        interaction_pairs=interaction_pairs,
+        validate=validate,
+    )
     columns = defs.feature_columns(spec)
     # Cutoffs go in small batches: each batch shares one scan of the events, while DuckDB's
     # hash tables (one group per customer and cutoff) stay a few cutoffs deep.
@@ -321,9 +364,7 @@ def iter_features(
             unpacked = dataclasses.replace(spec, pack_counts=False)
             sql = defs.features_sql(unpacked, ordered=False)
             out = _run(sql, cutoffs=batch, tx=tx, ix=ix, connection=connection, sort=True)
-        out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
-        if "preferred_channel" in out.columns:
-            out["preferred_channel"] = out["preferred_channel"].astype("string")
+        out = _typed(out)
         # the query already returns them in this order: selecting would copy every column
         yield out if list(out.columns) == columns else out[columns]
 
@@ -345,42 +386,23 @@ def stream_features(
     DuckDB keeps the query's working set inside its memory limit (spilling to disk), so
     batch scoring of millions of customers runs in memory bounded by the chunk size.
     """
-    (cutoff,) = parse_cutoffs([as_of] if isinstance(as_of, dt.date) else as_of)
-    tx = _table(transactions, "transactions", validate=validate)
-    ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
-    pairs: Sequence[tuple[str, str]] = ()
-    if ix is not None:
-        if isinstance(tx, pd.DataFrame) and isinstance(ix, pd.DataFrame):
-            tx, ix = _align_ids(tx, ix)
-        pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
-        if not pairs:
-            ix = None
-    spec = defs.FeatureSpec(windows=tuple(windows), interaction_pairs=tuple(pairs))
-    columns = defs.feature_columns(spec)
-    con = connection or connect()
-    _bind(con, "tx", "transactions", tx)
-    if ix is not None:
-        _bind(con, "ix", "interactions", ix)
-    con.execute(
-        "CREATE OR REPLACE TEMP TABLE cutoffs AS SELECT CAST(UNNEST($dates) AS DATE) AS as_of",
-        {"dates": [cutoff.isoformat()]},
+    cutoffs = parse_cutoffs([as_of] if isinstance(as_of, dt.date) else as_of)
+    if len(cutoffs) != 1:
+        raise ValueError(f"stream_features takes one cutoff, got {len(cutoffs)}")
+    tx, ix, spec = _prepare(
+        transactions,
+        interactions,
+        windows=windows,
+        interaction_pairs=interaction_pairs,
+        validate=validate,
     )
-    try:
+    columns = defs.feature_columns(spec)
+    with _bound(connection, cutoffs=cutoffs, tx=tx, ix=ix) as con:
         reader = con.execute(defs.features_sql(spec, ordered=False)).fetch_record_batch(chunk_rows)
         for batch in reader:
             out = batch.to_pandas()
             out["as_of"] = pd.to_datetime(out["as_of"]).astype("datetime64[us]")
-            out["segment"] = pd.Categorical(out["segment"], categories=list(SEGMENTS))
-            if "preferred_channel" in out.columns:
-                out["preferred_channel"] = out["preferred_channel"].astype("string")
-            yield out[columns]
-    finally:
-        _unbind(con, "tx", tx)
-        if ix is not None:
-            _unbind(con, "ix", ix)
-        con.execute("DROP TABLE IF EXISTS cutoffs")
-        if connection is None:
-            con.close()
+            yield _typed(out)[columns]
 
 
 def write_features(frames: Iterable[pd.DataFrame], out: Path) -> tuple[int, pd.DataFrame]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any, TypeVar
 
 import anyio
@@ -69,11 +70,12 @@ def create_app(state: ServiceState | None = None) -> FastAPI:
     async def _not_ready(_: Request, exc: NotReadyError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=503)
 
-    async def run(endpoint: str, n: int, fn: Callable[[], T]) -> T:
+    async def run(endpoint: str, n: int, fn: Callable[[], T], *, thread: bool = False) -> T:
         start = time.perf_counter()
         # Small requests score on the event loop (a thread hop costs more than the work);
         # big ones go to a thread so the loop keeps answering health checks.
-        result = fn() if n <= THREAD_THRESHOLD else await anyio.to_thread.run_sync(fn)
+        on_loop = n <= THREAD_THRESHOLD and not thread
+        result = fn() if on_loop else await anyio.to_thread.run_sync(fn)
         SCORING_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
         SCORED.labels(endpoint).inc(n)
         return result
@@ -109,11 +111,8 @@ def create_app(state: ServiceState | None = None) -> FastAPI:
         """
         state = current(request)
         # DuckDB work: always off the event loop.
-        start = time.perf_counter()
-        result = await anyio.to_thread.run_sync(lambda: state.score_history(body))
-        SCORING_SECONDS.labels("history").observe(time.perf_counter() - start)
-        SCORED.labels("history").inc(len(body.customers))
-        return result
+        fn = partial(state.score_history, body)
+        return await run("history", len(body.customers), fn, thread=True)
 
     @app.get("/info", response_model=s.ServiceInfo, summary="Served models and inputs")
     async def info(request: Request) -> s.ServiceInfo:

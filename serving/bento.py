@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from rapport.serving.scoring import ModelVersion
+from rapport.serving.scoring import ModelVersion, resolve_alias
 from rapport.serving.settings import ServingSettings
 
 #: Name of the Bento and of the service in it.
@@ -55,21 +55,8 @@ class BuiltBento:
 
 def _import(name: str, alias: str, tracking_uri: str) -> tuple[ModelVersion, str]:
     import bentoml
-    import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException as err:
-        raise LookupError(f"registered model {name!r} has no {alias!r} version") from err
-    mlflow.set_tracking_uri(tracking_uri)
-    served = ModelVersion(
-        name=name,
-        version=str(mv.version),
-        alias=alias,
-        run_id=mv.run_id,
-        source=f"models:/{name}/{mv.version}",
-    )
+    served = resolve_alias(name, alias, tracking_uri=tracking_uri)
     model = bentoml.mlflow.import_model(
         name,
         model_uri=served.source,
@@ -78,7 +65,7 @@ def _import(name: str, alias: str, tracking_uri: str) -> tuple[ModelVersion, str
             "registered_name": name,
             "registered_version": served.version,
             "alias": alias,
-            "run_id": mv.run_id or "",
+            "run_id": served.run_id or "",
             "tracking_uri": tracking_uri,
         },
     )

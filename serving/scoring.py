@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -63,8 +63,10 @@ class LoadedModel:
     version: ModelVersion
 
 
-def load_registered(name: str, alias: str, *, tracking_uri: str) -> LoadedModel:
-    """Load the version of ``name`` that ``alias`` points at from the MLflow registry.
+def resolve_alias(name: str, alias: str, *, tracking_uri: str) -> ModelVersion:
+    """The registry version of ``name`` that ``alias`` points at (``source``: its URI).
+
+    Also points MLflow at ``tracking_uri``, so the URI can be loaded or downloaded next.
 
     Raises
     ------
@@ -80,13 +82,19 @@ def load_registered(name: str, alias: str, *, tracking_uri: str) -> LoadedModel:
             f"{tracking_uri} (train one first: `rapport train`)"
         ) from err
     mlflow.set_tracking_uri(tracking_uri)
-    uri = f"models:/{name}/{mv.version}"
-    return LoadedModel(
-        model=_unwrap(mlflow.pyfunc.load_model(uri)),
-        version=ModelVersion(
-            name=name, version=str(mv.version), alias=alias, run_id=mv.run_id, source=uri
-        ),
+    return ModelVersion(
+        name=name,
+        version=str(mv.version),
+        alias=alias,
+        run_id=mv.run_id,
+        source=f"models:/{name}/{mv.version}",
     )
+
+
+def load_registered(name: str, alias: str, *, tracking_uri: str) -> LoadedModel:
+    """Load the version of ``name`` that ``alias`` points at from the MLflow registry."""
+    version = resolve_alias(name, alias, tracking_uri=tracking_uri)
+    return LoadedModel(model=_unwrap(mlflow.pyfunc.load_model(version.source)), version=version)
 
 
 def load_pyfunc_dir(path: str, version: ModelVersion) -> LoadedModel:
@@ -224,7 +232,6 @@ class Scores:
     segment: list[str | None]
     churn_reasons: list[list[Reason]] | None = None
     value_reasons: list[list[Reason]] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def frame(self) -> pd.DataFrame:
         """The scores as a DataFrame (without reasons)."""
@@ -319,11 +326,6 @@ class Scorer:
             sorted(set(self.churn.model.config.windows) | set(self.value.model.config.windows))
         )
 
-    @property
-    def versions(self) -> dict[str, ModelVersion]:
-        """The served versions by task."""
-        return {"churn": self.churn_version, "clv": self.value_version}
-
     def columns_from_frame(self, frame: pd.DataFrame) -> dict[str, np.ndarray]:
         """Input arrays from a feature frame (``build_features`` output or a snapshot).
 
@@ -377,7 +379,7 @@ class Scorer:
         """
         check = not validated
         churn_btyd = self.churn.btyd(cols, check=check)
-        value_btyd = churn_btyd if self.value is self.churn else self.value.btyd(cols, check=check)
+        value_btyd = self.value.btyd(cols, check=check)
         x_churn = self.churn.matrix(cols, n, churn_btyd)
         x_value = self.value.matrix(cols, n, value_btyd)
         proba = self.churn.predict(x_churn)

@@ -471,10 +471,14 @@ class BetaGeoModel:
         numpy.ndarray
             One probability per customer, decreasing in ``t``.
         """
-        r, alpha, _, _ = self._fitted()
         x, t_x, big_t = _rfm(frequency, recency, T)
-        times = _horizon(t)
         alive = expit(-self._log_odds_dead(x, t_x, big_t))
+        return self._no_purchase(_horizon(t), x, big_t, alive)
+
+    def _no_purchase(
+        self, times: FloatArray, x: FloatArray, big_t: FloatArray, alive: FloatArray
+    ) -> FloatArray:
+        r, alpha, _, _ = self._fitted()
         quiet = np.exp(-(r + x) * np.log1p(times / (alpha + big_t)))
         return np.asarray((1.0 - alive) + alive * quiet, dtype=np.float64)
 
@@ -498,11 +502,15 @@ class BetaGeoModel:
         numpy.ndarray
             One time per customer, in the unit of the fit (``inf`` where undefined).
         """
-        r, alpha, _, _ = self._fitted()
         x, _, big_t = _rfm(frequency, recency, T)
+        return self._wait(x, big_t)
+
+    def _wait(self, x: FloatArray, big_t: FloatArray) -> FloatArray:
+        r, alpha, _, _ = self._fitted()
         shape = r + x - 1.0
         with np.errstate(divide="ignore"):
-            return np.where(shape > 0, (alpha + big_t) / np.where(shape > 0, shape, 1.0), np.inf)
+            wait = np.where(shape > 0, (alpha + big_t) / np.where(shape > 0, shape, 1.0), np.inf)
+        return np.asarray(wait, dtype=np.float64)
 
     def conditional_summary(
         self,
@@ -527,7 +535,7 @@ class BetaGeoModel:
         dict
             ``p_alive``, ``expected_purchases``, ``p_no_purchase`` and ``time_to_next``.
         """
-        r, alpha, _, _ = self._fitted()
+        self._fitted()
         if check:
             x, t_x, big_t = _rfm(frequency, recency, T)
         else:
@@ -537,15 +545,11 @@ class BetaGeoModel:
         times = _horizon(t)
         log_odds = self._log_odds_dead(x, t_x, big_t)
         alive = np.asarray(expit(-log_odds), dtype=np.float64)
-        quiet = np.exp(-(r + x) * np.log1p(times / (alpha + big_t)))
-        shape = r + x - 1.0
-        with np.errstate(divide="ignore"):
-            wait = np.where(shape > 0, (alpha + big_t) / np.where(shape > 0, shape, 1.0), np.inf)
         return {
             "p_alive": alive,
             "expected_purchases": self._expected_purchases(times, x, big_t, log_odds),
-            "p_no_purchase": np.asarray((1.0 - alive) + alive * quiet, dtype=np.float64),
-            "time_to_next": np.asarray(wait, dtype=np.float64),
+            "p_no_purchase": self._no_purchase(times, x, big_t, alive),
+            "time_to_next": self._wait(x, big_t),
         }
 
     def expected_next_purchase_date(
