@@ -249,39 +249,51 @@ def _field(packed: str, j: int, n: int) -> str:
     return shifted if j == n - 1 else f"({shifted} % {1 << PACK_BITS})"
 
 
-def _daily_sql(horizon_days: int = 0) -> str:
-    """Transactions rolled up to one row per customer and purchase-or-refund day.
+def _rows_sql() -> str:
+    """Transaction rows up to the last cutoff, each placed in its customer's purchase history.
 
-    ``gap`` is the distance in days to the customer's previous purchase day (NULL on the first
-    purchase day and on refund-only days): it does not depend on the cutoff, so it is computed
-    once however many cutoffs there are.
+    One window pass, ordered by day with a day's purchases before its refunds, gives each row
+    ``prev_day``, the customer's latest purchase day among the rows before it. From it:
+    ``new_day`` marks the first purchase row of each purchase day, ``gap`` is the distance in
+    days from the previous purchase day, and ``repeat_day`` marks rows on a purchase day after
+    the first (a refund row counts when a purchase shares its day, which then sorts before it).
+    None of these depends on the cutoff: a row only looks at earlier rows, and the first
+    purchase day of a customer who has bought by a cutoff is the same for every later cutoff.
+    So they are computed once, on the raw rows, however many cutoffs there are: no roll-up to
+    one row per customer and day, which cost as much as everything else together.
     """
-    return f"""
-    tx_daily AS (
+    return """
+    tx_rows AS (
         SELECT
             customer_id,
             CAST(timestamp AS DATE) AS day,
-            SUM(amount) AS spend,
-            SUM(CASE WHEN amount >= 0 THEN 1 ELSE 0 END) AS n_orders,
-            SUM(CASE WHEN amount >= 0 THEN amount ELSE 0.0 END) AS order_spend,
-            SUM(CASE WHEN amount >= 0 THEN amount * amount ELSE 0.0 END) AS order_spend_sq
+            amount,
+            amount >= 0 AS is_purchase
         FROM tx
-        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs) + {int(horizon_days)}
-        GROUP BY customer_id, CAST(timestamp AS DATE)
+        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
     ),
-    tx_days AS (
+    tx_seq AS (
         SELECT
             customer_id,
             day,
-            spend,
-            CAST(n_orders AS BIGINT) AS n_orders,
-            order_spend,
-            order_spend_sq,
-            CASE WHEN n_orders > 0 THEN
-                DATE_DIFF('day', LAG(day) OVER (
-                    PARTITION BY customer_id, n_orders > 0 ORDER BY day), day)
-            END AS gap
-        FROM tx_daily
+            amount,
+            is_purchase,
+            LAG(CASE WHEN is_purchase THEN day END IGNORE NULLS) OVER w AS prev_day,
+            FIRST_VALUE(CASE WHEN is_purchase THEN day END IGNORE NULLS) OVER w AS first_day
+        FROM tx_rows
+        WINDOW w AS (PARTITION BY customer_id ORDER BY day, amount < 0)
+    ),
+    tx_marked AS (
+        SELECT
+            customer_id,
+            day,
+            amount,
+            is_purchase,
+            is_purchase AND (prev_day IS NULL OR prev_day < day) AS new_day,
+            CASE WHEN is_purchase AND prev_day < day
+                 THEN DATE_DIFF('day', prev_day, day) END AS gap,
+            day > first_day AND (is_purchase OR prev_day = day) AS repeat_day
+        FROM tx_seq
     )"""
 
 
@@ -299,38 +311,61 @@ def _transaction_sql(spec: FeatureSpec) -> str:
     for g, group in enumerate(_window_groups(spec)):
         for kind, span in (("now", 1), ("two", 2)):
             terms = [
-                f"CASE WHEN d.day > c.as_of - {span * w} THEN d.n_orders ELSE 0 END" for w in group
+                f"CASE WHEN d.is_purchase AND d.day > c.as_of - {span * w} THEN 1 ELSE 0 END"
+                for w in group
             ]
             aggs.append(f"CAST(SUM({_packed(terms)}) AS BIGINT) AS _purchases_{kind}_{g}")
     for w in spec.windows:
         now = f"d.day > c.as_of - {w}"
         before = f"d.day > c.as_of - {2 * w} AND d.day <= c.as_of - {w}"
         aggs += [
-            f"ROUND(SUM(CASE WHEN {now} THEN d.spend ELSE 0.0 END), 6) AS spend_{w}d",
-            f"ROUND(SUM(CASE WHEN {before} THEN d.spend ELSE 0.0 END), 6) AS _spend_before_{w}d",
+            f"ROUND(SUM(CASE WHEN {now} THEN d.amount ELSE 0.0 END), 6) AS spend_{w}d",
+            f"ROUND(SUM(CASE WHEN {before} THEN d.amount ELSE 0.0 END), 6) AS _spend_before_{w}d",
         ]
     windows = ",\n            ".join(aggs)
+    # purchase days never outnumber purchase rows, so the two share one integer when packing
+    counts = _packed(
+        [
+            "CASE WHEN d.new_day THEN 1 ELSE 0 END",
+            "CASE WHEN d.is_purchase THEN 1 ELSE 0 END",
+        ]
+        if spec.pack_counts
+        else ["CASE WHEN d.new_day THEN 1 ELSE 0 END"]
+    )
+    purchase_rows = (
+        ""
+        if spec.pack_counts
+        else "CAST(SUM(CASE WHEN d.is_purchase THEN 1 ELSE 0 END) AS BIGINT) AS _purchase_rows,"
+    )
     return f"""
     tx_agg AS (
         SELECT
             d.customer_id,
             c.as_of,
-            MIN(CASE WHEN d.n_orders > 0 THEN d.day END) AS first_day,
-            MAX(CASE WHEN d.n_orders > 0 THEN d.day END) AS last_day,
-            SUM(CASE WHEN d.n_orders > 0 THEN 1 ELSE 0 END) AS n_purchase_days,
-            CAST(SUM(d.n_orders) AS BIGINT) AS n_purchases,
+            MIN(CASE WHEN d.is_purchase THEN d.day END) AS first_day,
+            MAX(CASE WHEN d.is_purchase THEN d.day END) AS last_day,
+            CAST(SUM({counts}) AS BIGINT) AS _counts,
+            {purchase_rows}
             -- Sums are rounded to 1e-6: DuckDB adds floats in parallel, in no fixed order, and
             -- the last bits must not flip a trend's sign or a tie in the spend score.
-            ROUND(SUM(d.spend), 6) AS total_spend,
-            ROUND(SUM(CASE WHEN d.gap IS NOT NULL THEN d.spend ELSE 0.0 END), 6) AS repeat_spend,
-            ROUND(SUM(d.order_spend), 6) AS order_spend,
-            SUM(d.order_spend_sq) AS order_spend_sq,
+            ROUND(SUM(d.amount), 6) AS total_spend,
+            ROUND(SUM(CASE WHEN d.repeat_day THEN d.amount ELSE 0.0 END), 6) AS repeat_spend,
+            ROUND(SUM(CASE WHEN d.is_purchase THEN d.amount ELSE 0.0 END), 6) AS order_spend,
+            SUM(CASE WHEN d.is_purchase THEN d.amount * d.amount ELSE 0.0 END)
+                AS order_spend_sq,
             SUM(d.gap * d.gap) AS gap_sq,
             {windows}
-        FROM tx_days AS d
+        FROM tx_marked AS d
         JOIN cutoffs AS c ON d.day <= c.as_of
         GROUP BY d.customer_id, c.as_of
-        HAVING MAX(d.n_orders) > 0
+        HAVING MAX(CASE WHEN d.is_purchase THEN d.day END) IS NOT NULL
+    ),
+    tx_counted AS (
+        SELECT
+            *,
+            {_field("_counts", 0, 2) if spec.pack_counts else "_counts"} AS n_purchase_days,
+            {_field("_counts", 1, 2) if spec.pack_counts else "_purchase_rows"} AS n_purchases
+        FROM tx_agg
     ),
     tx_feat AS (
         SELECT
@@ -350,7 +385,7 @@ def _transaction_sql(spec: FeatureSpec) -> str:
             CASE WHEN n_purchases > 1 THEN SQRT(GREATEST(0.0,
                 (order_spend_sq - order_spend * order_spend / n_purchases) / (n_purchases - 1)))
             END AS spend_std,
-            -- consecutive gaps add up to last - first: only their squares need LAG
+            -- consecutive gaps add up to last - first: only their squares need the window
             CASE WHEN n_purchase_days > 1
                  THEN CAST(DATE_DIFF('day', first_day, last_day) AS DOUBLE)
                       / (n_purchase_days - 1) END AS ipt_mean_days,
@@ -360,7 +395,7 @@ def _transaction_sql(spec: FeatureSpec) -> str:
                 / (n_purchase_days - 2)))
             END AS ipt_std_days,
             {_window_outputs(spec)}
-        FROM tx_agg
+        FROM tx_counted
     )"""
 
 
@@ -381,90 +416,88 @@ def _window_outputs(spec: FeatureSpec) -> str:
 
 
 def _interaction_sql(spec: FeatureSpec) -> str:
-    # Two levels: count per (customer, cutoff, channel, event) first, window counts packed into
-    # one integer per group of windows, then pivot the far smaller result into a few columns
-    # per pair; response and complaint counts are sums of the same packed integers.
+    # One aggregate per customer and cutoff straight over the event rows. Each row is coded
+    # once (small integers instead of strings, its window flags packed into one integer per
+    # group of windows), then every output is a conditional sum or max of those codes: one
+    # pass, no intermediate table per (channel, event) to build and pivot.
     non_response = ", ".join(_quote(e) for e in (*OUTBOUND_EVENTS, COMPLAINT_EVENT))
     pair_id = {pair: k for k, pair in enumerate(spec.interaction_pairs)}
     channel_id = {ch: k for k, ch in enumerate(spec.channels)}
-    pair_case = " ".join(
-        f"WHEN channel = {_quote(c)} AND event = {_quote(e)} THEN {k}"
-        for (c, e), k in pair_id.items()
+    # channel first, then event within it: a row is compared with a handful of strings, not
+    # with every pair
+    by_channel = " ".join(
+        f"WHEN channel = {_quote(ch)} THEN CASE "
+        + " ".join(f"WHEN event = {_quote(e)} THEN {k}" for (c, e), k in pair_id.items() if c == ch)
+        + " END"
+        for ch in spec.channels
     )
     channel_case = " ".join(f"WHEN channel = {_quote(ch)} THEN {k}" for ch, k in channel_id.items())
     groups = _window_groups(spec)
-    counts = ",\n            ".join(
-        "SUM({}) AS n_{}".format(
+    flags = ",\n            ".join(
+        "{} AS w_{}".format(
             _packed([f"CASE WHEN i.day > c.as_of - {w} THEN 1 ELSE 0 END" for w in group]), g
         )
         for g, group in enumerate(groups)
     )
+    # the longest window's flag alone, for the per-channel response counts
+    longest = f"CASE WHEN i.day > c.as_of - {spec.longest} THEN 1 ELSE 0 END"
     aggs = []
     for k in pair_id.values():
         for g in range(len(groups)):
-            # one row per (customer, cutoff, pair): MAX picks it
-            aggs.append(f"MAX(CASE WHEN p.pair_id = {k} THEN p.n_{g} END) AS _pair_{k}_{g}")
+            aggs.append(
+                f"CAST(SUM(CASE WHEN p.pair_id = {k} THEN p.w_{g} END) AS BIGINT) AS _pair_{k}_{g}"
+            )
     for k in channel_id.values():
-        aggs.append(f"MAX(CASE WHEN p.channel_id = {k} THEN p.last_day END) AS _last_channel_{k}")
+        aggs.append(f"MAX(CASE WHEN p.channel_id = {k} THEN p.day END) AS _last_channel_{k}")
     for kind in ("response", "complaint"):
         flag = f"p.is_{kind}"
         for g in range(len(groups)):
             aggs.append(
-                f"CAST(SUM(CASE WHEN {flag} THEN p.n_{g} ELSE 0 END) AS BIGINT) AS _{kind}s_{g}"
+                f"CAST(SUM(CASE WHEN {flag} THEN p.w_{g} ELSE 0 END) AS BIGINT) AS _{kind}s_{g}"
             )
-        aggs.append(f"MAX(CASE WHEN {flag} THEN p.last_day END) AS _last_{kind}")
+        aggs.append(f"MAX(CASE WHEN {flag} THEN p.day END) AS _last_{kind}")
     # responses per channel in the longest window, packed side by side: each is at most the
     # customer's responses in that window, which the packed counts above already bound
-    longest = f"p.n_{len(groups) - 1}"
-    if spec.pack_counts:
-        longest = _field(longest, len(groups[-1]) - 1, len(groups[-1]))
     for g, chans in enumerate(
         _chunks(list(range(len(channel_id))), _PACK_WIDTH if spec.pack_counts else 1)
     ):
         terms = [
-            f"CASE WHEN p.channel_id = {k} AND p.is_response THEN {longest} ELSE 0 END"
+            f"CASE WHEN p.channel_id = {k} AND p.is_response THEN p.w_last ELSE 0 END"
             for k in chans
         ]
         aggs.append(f"CAST(SUM({_packed(terms)}) AS BIGINT) AS _channel_responses_{g}")
     body = ",\n            ".join(aggs)
     return f"""
-    ix_days AS (
-        SELECT customer_id, CAST(timestamp AS DATE) AS day, channel, event
-        FROM ix
-        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
-    ),
-    ix_pairs AS (
-        SELECT
-            i.customer_id,
-            c.as_of,
-            CAST(i.channel AS VARCHAR) AS channel,
-            CAST(i.event AS VARCHAR) AS event,
-            {counts},
-            MAX(i.day) AS last_day
-        FROM ix_days AS i
-        JOIN cutoffs AS c ON i.day <= c.as_of
-        GROUP BY i.customer_id, c.as_of, i.channel, i.event
-    ),
-    ix_coded AS (
-        -- Small integer codes once per (customer, channel, event) row, so that the pivot
-        -- compares integers rather than strings.
+    ix_rows AS (
         SELECT
             customer_id,
-            as_of,
-            {", ".join(f"CAST(n_{g} AS BIGINT) AS n_{g}" for g in range(len(groups)))},
-            last_day,
-            CASE {pair_case} END AS pair_id,
+            CAST(timestamp AS DATE) AS day,
+            CASE {by_channel} END AS pair_id,
             CASE {channel_case} END AS channel_id,
             event NOT IN ({non_response}) AS is_response,
             event = {_quote(COMPLAINT_EVENT)} AS is_complaint
-        FROM ix_pairs
+        FROM ix
+        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
     ),
     ix_feat AS (
         SELECT
             p.customer_id,
             p.as_of,
             {body}
-        FROM ix_coded AS p
+        FROM (
+            SELECT
+                i.customer_id,
+                c.as_of,
+                i.day,
+                i.pair_id,
+                i.channel_id,
+                i.is_response,
+                i.is_complaint,
+                {flags},
+                {longest} AS w_last
+            FROM ix_rows AS i
+            JOIN cutoffs AS c ON i.day <= c.as_of
+        ) AS p
         GROUP BY p.customer_id, p.as_of
     )"""
 
@@ -557,7 +590,7 @@ def features_sql(spec: FeatureSpec, *, ordered: bool = True) -> str:
     Columns are :func:`feature_columns` (``spec``), ordered by ``as_of`` then ``customer_id``
     (unordered with ``ordered=False``, for a caller that sorts the result itself).
     """
-    ctes = [_daily_sql(), _transaction_sql(spec)]
+    ctes = [_rows_sql(), _transaction_sql(spec)]
     tx_cols = [f"t.{c}" for c in transaction_feature_columns(spec)]
     select = ["t.customer_id", "t.as_of", *tx_cols]
     join = ""
@@ -623,18 +656,19 @@ def labels_sql(horizon_days: int) -> str:
     if h <= 0:
         raise ValueError(f"horizon_days must be a positive number of days, got {horizon_days}")
     return f"""
-    WITH {_daily_sql(h).strip()},
-    lab AS (
+    WITH lab AS (
         SELECT
-            d.customer_id,
+            t.customer_id,
             c.as_of,
-            CAST(COALESCE(SUM(d.n_orders) FILTER (WHERE d.day > c.as_of), 0) AS BIGINT)
-                AS future_purchases,
-            ROUND(COALESCE(SUM(d.spend) FILTER (WHERE d.day > c.as_of), 0.0), 6) AS future_spend
-        FROM tx_days AS d
-        JOIN cutoffs AS c ON d.day <= c.as_of + {h}
-        GROUP BY d.customer_id, c.as_of
-        HAVING COUNT(*) FILTER (WHERE d.day <= c.as_of AND d.n_orders > 0) > 0
+            CAST(SUM(CASE WHEN CAST(t.timestamp AS DATE) > c.as_of AND t.amount >= 0
+                          THEN 1 ELSE 0 END) AS BIGINT) AS future_purchases,
+            ROUND(SUM(CASE WHEN CAST(t.timestamp AS DATE) > c.as_of
+                           THEN t.amount ELSE 0.0 END), 6) AS future_spend
+        FROM tx AS t
+        JOIN cutoffs AS c ON CAST(t.timestamp AS DATE) <= c.as_of + {h}
+        GROUP BY t.customer_id, c.as_of
+        HAVING MAX(CASE WHEN CAST(t.timestamp AS DATE) <= c.as_of AND t.amount >= 0
+                        THEN 1 ELSE 0 END) > 0
     )
     SELECT
         customer_id,

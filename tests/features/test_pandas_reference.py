@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from rapport.features.build import build_features
 from rapport.features.contracts import validate_table
@@ -86,3 +88,37 @@ def test_email_rates_are_zero_without_opens(synthetic):
     has_sends = theirs["email_sends_365d"] > 0
     assert theirs.loc[has_sends, "email_open_rate_365d"].notna().all()
     assert theirs.loc[has_sends, "email_click_rate_365d"].notna().all()
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    events=st.lists(
+        st.tuples(
+            st.integers(1, 4),  # customer
+            st.integers(0, 8),  # day
+            st.integers(0, 2),  # hour: several events on one day
+            st.sampled_from([-7.5, -1.0, 0.0, 2.5, 10.0, 31.0]),  # refunds, zero, purchases
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_random_histories_match_build_features(events):
+    # Same-day purchases, refunds on purchase days, refund-only days and refunds before the
+    # first purchase: the windowed day logic must agree with the plain pandas roll-up.
+    start = pd.Timestamp("2024-01-01")
+    tx = pd.DataFrame(
+        {
+            "customer_id": [c for c, _, _, _ in events],
+            "timestamp": [start + pd.Timedelta(days=d, hours=h) for _, d, h, _ in events],
+            "amount": [a for _, _, _, a in events],
+        }
+    )
+    tx["timestamp"] += pd.to_timedelta(np.arange(len(tx)), unit="s")  # no exact duplicates
+    tx = validate_table(tx, "transactions")
+    if not (tx["amount"] >= 0).any():
+        return
+    as_of = (start + pd.Timedelta(days=9)).date().isoformat()
+    theirs = build_features(tx, as_of=as_of, windows=(2, 5))
+    ours = pandas_features(tx, None, as_of=as_of, windows=(2, 5))
+    assert differences(ours, theirs) == {}
