@@ -297,8 +297,10 @@ def test_packed_counts_overflow_falls_back_to_exact_counts(monkeypatch):
     assert row(feats, "A")["responses_365d"] == 600
 
 
-def test_result_is_an_ordinary_writeable_frame(tiny_tx, tiny_ix):
-    feats = build_features(tiny_tx, tiny_ix, as_of=AS_OF)
+@pytest.mark.parametrize("as_of", [AS_OF, "2024-02-29,2024-03-01"])
+def test_result_is_an_ordinary_writeable_frame(tiny_tx, tiny_ix, as_of):
+    # several cutoffs in batches of one take the lean conversion: columns of their own
+    feats = build_features(tiny_tx, tiny_ix, as_of=as_of, cutoff_batch=1)
     feats.loc[0, "n_purchases"] = 99
     feats.iloc[0, feats.columns.get_loc("total_spend")] = 1.5
     assert feats.loc[0, "n_purchases"] == 99
