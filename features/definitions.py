@@ -1,10 +1,10 @@
 """Every feature and label definition, in one place, as SQL.
 
 The queries are written in DuckDB's dialect with only portable constructs (``CASE`` inside
-aggregates, ``LAG``/``PERCENT_RANK``/``SUM`` windows, ``DATE_DIFF``, integer ``//`` and ``%``),
-so that sqlglot can
-transpile the very same definitions for a distributed engine (see :func:`transpile`). They read
-three relations that the engine registers:
+aggregates, ``LAG``/``FIRST_VALUE ... IGNORE NULLS``, ``PERCENT_RANK`` and ``SUM`` windows,
+``DATE_DIFF``, integer ``//`` and ``%``), so that sqlglot can transpile the very same
+definitions for a distributed engine (see :func:`transpile`). They read three relations that
+the engine registers:
 
 ``tx``
     ``customer_id``, ``timestamp`` (naive UTC ``TIMESTAMP``), ``amount`` (``DOUBLE``).
@@ -13,13 +13,15 @@ three relations that the engine registers:
 ``cutoffs``
     ``as_of`` (``DATE``); a date cutoff includes that whole day.
 
-Speed comes from shape, not from one scan per window: transactions are first rolled up to one
-row per customer and day, and every window is a conditional aggregate evaluated in a single pass
-over that roll-up. In a hash aggregate each aggregate costs time per input row, so there are as
-few as possible: counts of nested windows share one BIGINT (:func:`_window_groups`), the
-interaction pivot picks one packed integer per (channel, event) pair, and the R and F scores
-rank a histogram of their values instead of sorting every customer. Several cutoffs share the
-roll-up, so a 12-cutoff training set costs far less than twelve one-cutoff runs.
+Speed comes from shape, not from one scan per window. One window pass marks each transaction
+row with what needs its neighbours (a new purchase day, the gap since the previous one, a
+repeat day), and then every feature of a customer is a conditional aggregate in a single hash
+aggregate over the rows, transactions and interactions each in one pass. In a hash aggregate
+each aggregate costs time per input row, so there are as few as possible: counts of nested
+windows share one BIGINT (:func:`_window_groups`), interaction rows are coded to small
+integers once, and the R and F scores rank a histogram of their values instead of sorting
+every customer. The window marks do not depend on the cutoff, so several cutoffs in one query
+share them and the scan.
 
 Definitions (``d`` is a day, ``c`` the cutoff date, a "purchase" a transaction row with
 ``amount >= 0``; refunds are negative rows: they count in spend but never as purchases):

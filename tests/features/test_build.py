@@ -199,6 +199,8 @@ def test_sql_transpiles_to_spark():
     spec = FeatureSpec(interaction_pairs=(("email", "sent"), ("email", "open"), ("web", "visit")))
     spark = transpile(features_sql(spec), "spark")
     assert "DATEDIFF" in spark.upper() and "PERCENT_RANK" in spark.upper()
+    # Spark spells the purchase-day window's null handling after the call
+    assert "LAG(CASE WHEN is_purchase THEN day END) IGNORE NULLS OVER w" in spark
 
 
 # --- properties -------------------------------------------------------------------------------
