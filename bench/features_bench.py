@@ -11,6 +11,8 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 
 - ``scan``: DuckDB reads the same columns of both Parquet files (a bare aggregate);
 - ``rapport``: ``build_features`` on the Parquet paths, one cutoff (DuckDB scans them directly);
+- ``plain``: a straightforward DuckDB query (``bench/plain_duckdb.py``: ``FILTER`` aggregates,
+  ``COUNT(DISTINCT)``, a subset of the features), the issue's reference point;
 - ``rapport_12``: the same with 12 monthly cutoffs (a training set);
 - ``rapport_frames``: load + validate both tables into pandas, then ``build_features``;
 - ``pandas``: ``pd.read_parquet`` + ``bench/pandas_reference.py`` (same features, one cutoff).
@@ -73,6 +75,7 @@ def _worker(kind: str, data: Path) -> dict[str, float]:
 
     sys.path.insert(0, str(HERE))
     from pandas_reference import pandas_features
+    from plain_duckdb import plain_features
 
     # Imports happen before the clock starts: every contender is timed on its work alone.
     tx_path, ix_path = data / "transactions.parquet", data / "interactions.parquet"
@@ -94,6 +97,8 @@ def _worker(kind: str, data: Path) -> dict[str, float]:
     elif kind == "rapport_frames":
         tx, ix = load_transactions(tx_path), load_interactions(ix_path)
         rows = len(build_features(tx, ix, as_of=AS_OF, validate=False))
+    elif kind == "plain":
+        rows = len(plain_features(tx_path, ix_path, as_of=AS_OF))
     elif kind == "pandas":
         tx, ix = pd.read_parquet(tx_path), pd.read_parquet(ix_path)
         rows = len(pandas_features(tx, ix, as_of=AS_OF))
@@ -149,9 +154,9 @@ def main() -> None:
     }
     lines = [
         "| transactions | interactions | customers | scan s | rapport s (x scan) | "
-        "peak GB | 12 cutoffs s (x 1) | load+validate+features s | pandas s (x rapport) "
-        "| pandas peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "peak GB | plain DuckDB s (x rapport) | 12 cutoffs s (x 1) | load+validate+features s "
+        "| pandas s (x rapport) | pandas peak GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     import pyarrow.parquet as pq
 
@@ -159,7 +164,7 @@ def main() -> None:
         data = _world(size, args.seed)
         n_tx = pq.ParquetFile(data / "transactions.parquet").metadata.num_rows
         n_ix = pq.ParquetFile(data / "interactions.parquet").metadata.num_rows
-        kinds = ["scan", "rapport", "rapport_frames"]
+        kinds = ["scan", "rapport", "plain", "rapport_frames"]
         if size <= args.cutoffs12_max:
             kinds.append("rapport_12")
         if size <= args.pandas_max:
@@ -174,6 +179,7 @@ def main() -> None:
             "rapport_over_scan": rap["seconds"] / scan["seconds"],
             "cutoffs12_over_1": rap12["seconds"] / rap["seconds"] if rap12 else None,
             "pandas_over_rapport": pandas["seconds"] / rap["seconds"] if pandas else None,
+            "plain_over_rapport": res["plain"]["seconds"] / rap["seconds"],
         }
         report["sizes"][str(size)] = {  # type: ignore[index]
             "transactions": n_tx,
@@ -188,6 +194,7 @@ def main() -> None:
             f"{scan['seconds']:.2f}",
             f"{rap['seconds']:.2f} ({ratios['rapport_over_scan']:.1f}x)",
             f"{rap['peak_gb']:.2f}",
+            f"{res['plain']['seconds']:.2f} ({ratios['plain_over_rapport']:.2f}x)",
             f"{rap12['seconds']:.1f} ({ratios['cutoffs12_over_1']:.1f}x)" if rap12 else "skipped",
             f"{res['rapport_frames']['seconds']:.1f}",
             f"{pandas['seconds']:.1f} ({ratios['pandas_over_rapport']:.2f}x)"

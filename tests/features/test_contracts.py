@@ -4,11 +4,15 @@ import decimal
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rapport.features.build import build_features
 from rapport.features.contracts import (
     DataValidationError,
     DuplicateRowsWarning,
+    _duplicated,
+    _to_label,
     load_interactions,
     load_transactions,
     parse_column_map,
@@ -85,6 +89,35 @@ def test_duplicates_reported_and_dropped():
     with pytest.warns(DuplicateRowsWarning, match="dropped 1 exact duplicate"):
         tx = validate_table(df, "transactions")
     assert len(tx) == 3 and tx.attrs["duplicates_dropped"] == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]),  # string ids
+            st.integers(0, 3),  # day
+            st.sampled_from([0.0, -1.5, 2.25]),
+            st.sampled_from(["Email", "email ", "web", "WEB"]),  # cleaned into one category
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_row_hash_duplicates_equal_pandas_duplicated(rows):
+    # duplicates are found through 64-bit row hashes, then checked exactly: same rows as
+    # pandas' own duplicated(keep="first"), including equal labels spelled differently
+    frame = pd.DataFrame(rows, columns=["customer_id", "day", "amount", "channel"])
+    frame["timestamp"] = pd.Timestamp("2024-01-01") + pd.to_timedelta(frame.pop("day"), "D")
+    frame["channel"] = _to_label(frame, "channel")
+    assert _duplicated(frame).tolist() == frame.duplicated(keep="first").tolist()
+
+
+def test_labels_are_cleaned_per_category_and_merged():
+    raw = pd.DataFrame({"channel": pd.Categorical(["Email", "email ", "Web", "email"])})
+    cleaned = _to_label(raw, "channel")
+    assert cleaned.tolist() == ["email", "email", "web", "email"]
+    assert list(cleaned.cat.categories) == ["email", "web"]
 
 
 def test_timezone_aware_becomes_naive_utc():
