@@ -134,6 +134,14 @@ def train_command(
     ] = None,
     cutoffs: Annotated[int | None, typer.Option(help="Override the number of cutoffs.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the random seed.")] = None,
+    tune_trials: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Search LightGBM parameters with this many Optuna trials on the validation "
+            "cutoff first (nested MLflow runs); 0 turns a config's search off.",
+        ),
+    ] = None,
 ) -> None:
     """Train, evaluate out of time, track in MLflow, register, and gate the champion."""
     settings = TrainingSettings()
@@ -144,6 +152,7 @@ def train_command(
         "cutoffs.last": last_cutoff,
         "cutoffs.count": cutoffs,
         "seed": seed,
+        "tuning.trials": tune_trials,
     }
     tasks: list[Task] = ["churn", "clv"] if task is TaskChoice.all else [_task(task.value)]
     configs = [run_or_exit(partial(_config_for, t, config, overrides)) for t in tasks]

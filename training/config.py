@@ -32,6 +32,13 @@ GATE_METRICS: dict[str, bool] = {
 }
 
 
+#: Which of those metrics each task's evaluation computes.
+TASK_METRICS: dict[str, frozenset[str]] = {
+    "churn": frozenset({"roc_auc", "pr_auc", "brier", "log_loss", "ece"}),
+    "clv": frozenset({"gini", "spearman", "decile_mape", "mae", "rmse"}),
+}
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -95,6 +102,24 @@ class LightGBMConfig(_Frozen):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+class TuningConfig(_Frozen):
+    """Hyper-parameter search before the final fit (see :mod:`rapport.training.tuning`)."""
+
+    #: Optuna trials; 0 (the default) trains with the configured parameters as they are.
+    trials: int = Field(default=0, ge=0)
+    #: Stop starting new trials after this many seconds (``null``: no limit).
+    timeout_seconds: float | None = Field(default=None, gt=0)
+    #: Validation metric to optimise; ``null`` uses the gate's metric.
+    metric: str | None = None
+
+    @field_validator("metric")
+    @classmethod
+    def _known(cls, value: str | None) -> str | None:
+        if value is not None and value not in GATE_METRICS:
+            raise ValueError(f"unknown tuning metric {value!r}; choose from {sorted(GATE_METRICS)}")
+        return value
+
+
 class ModelConfig(_Frozen):
     """Everything one training run needs, from one YAML file."""
 
@@ -123,6 +148,7 @@ class ModelConfig(_Frozen):
     #: Drop features by name (e.g. ones a data scientist found leaky or unstable).
     exclude_features: tuple[str, ...] = ()
     gate: GateConfig
+    tuning: TuningConfig = Field(default_factory=TuningConfig)
     #: Risk tiers for churn probability: upper bounds of ``low`` and ``medium``.
     risk_tiers: tuple[float, float] = (0.3, 0.6)
 
@@ -136,6 +162,12 @@ class ModelConfig(_Frozen):
         low, high = self.risk_tiers
         if not 0 < low < high < 1:
             raise ValueError("risk_tiers must satisfy 0 < low < high < 1")
+        metric = self.tuning.metric or self.gate.metric
+        if self.tuning.trials and metric not in TASK_METRICS[self.task]:
+            raise ValueError(
+                f"tuning metric {metric!r} is not a {self.task} metric; choose from "
+                f"{sorted(TASK_METRICS[self.task])}"
+            )
         return self
 
     @property

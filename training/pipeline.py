@@ -29,8 +29,8 @@ from mlflow.models import infer_signature
 
 from rapport.features.build import connect, discover_interaction_pairs
 from rapport.features.contracts import TableSource, load_interactions, load_transactions
-from rapport.training import plots, tracking
-from rapport.training.config import ModelConfig
+from rapport.training import plots, tracking, tuning
+from rapport.training.config import GATE_METRICS, ModelConfig
 from rapport.training.datasets import (
     OutOfTimeSplit,
     build_training_set,
@@ -369,6 +369,9 @@ def train(
             dataset.__dict__["schema"] = infer_signature(part.head(SCHEMA_ROWS)).inputs
             mlflow.log_input(dataset, context=role, tags={"rows": str(len(part))})
             mlflow.log_metric(f"rows_{role}", len(part))
+        if config.tuning.trials:
+            with step(f"Tuning the {config.task} model ({config.tuning.trials} trials)"):
+                config = _tuned(config, train_rows, valid_rows)
         with step(f"Fitting the {config.task} model and its baselines"):
             evaluation = fit_and_evaluate(config, train_rows, valid_rows, test_rows)
         model = evaluation.model
@@ -430,6 +433,31 @@ def train(
             metrics=evaluation.table(),
             split=split,
         )
+
+
+def _tuned(config: ModelConfig, train: pd.DataFrame, valid: pd.DataFrame) -> ModelConfig:
+    """Search parameters in nested runs; log the result; the config with the best ones.
+
+    The search runs before anything is registered, so a search that fails (no trial
+    finishes) fails the run and leaves the champion untouched.
+    """
+    result = tuning.tune(config, train, valid)
+    tuned = tuning.with_params(config, result.best_params)
+    mlflow.log_params({f"tuned.lightgbm.params.{k}": v for k, v in result.best_params.items()})
+    mlflow.log_metric(f"tuning_best_valid_{result.metric}", result.best_value)
+    mlflow.log_text(result.trials.to_csv(index=False), "tuning/trials.csv")
+    mlflow.log_figure(
+        plots.tuning_plot(
+            result.trials["value"].to_numpy(dtype="float64"),
+            metric=result.metric,
+            higher_is_better=GATE_METRICS[result.metric],
+        ),
+        "plots/tuning.png",
+    )
+    mlflow.log_text(
+        yaml.safe_dump(tuned.model_dump(mode="json"), sort_keys=False), "config_tuned.yaml"
+    )
+    return tuned
 
 
 def log_artifacts(evaluation: Evaluation, config: ModelConfig) -> None:

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 
 from rapport.training.metrics import calibration_table, decile_table, lift_table
 
-__all__ = ["calibration_plot", "decile_plot", "gain_plot", "importance_plot"]
+__all__ = ["calibration_plot", "decile_plot", "gain_plot", "importance_plot", "tuning_plot"]
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -231,4 +231,36 @@ def importance_plot(
     ax.barh(shown[::-1], values[order][::-1], label=label)
     ax.set(xlabel=label, ylabel="Feature", title=f"Top {len(shown)} features by {label}")
     ax.legend(loc="lower right")
+    return fig
+
+
+def tuning_plot(values: npt.ArrayLike, *, metric: str, higher_is_better: bool) -> Figure:
+    """Validation metric per tuning trial, with the best so far as a step line.
+
+    Parameters
+    ----------
+    values
+        The metric of each trial in trial order (NaN for a failed trial: not drawn).
+    metric
+        The metric's name, for the axis label.
+    higher_is_better
+        Whether the best so far is the running maximum (else the minimum).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+    """
+    v = np.asarray(values, dtype="float64")
+    if v.size == 0:
+        raise ValueError("values must hold at least one trial")
+    trials = np.arange(v.size)
+    filled = np.where(np.isnan(v), -np.inf if higher_is_better else np.inf, v)
+    best = np.maximum.accumulate(filled) if higher_is_better else np.minimum.accumulate(filled)
+    fig = _new_figure(6, 4)
+    ax = fig.add_subplot()
+    ax.plot(trials, v, "o", label="trial")
+    ax.step(trials, np.where(np.isfinite(best), best, np.nan), where="post", label="best so far")
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"validation {metric}")
+    ax.legend()
     return fig
