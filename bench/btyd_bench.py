@@ -25,7 +25,7 @@ import pandas as pd
 
 from rapport.features.build import build_features
 from rapport.features.datasets import CDNOW_CALIBRATION_END, load_cdnow
-from rapport.training.btyd import BetaGeoModel, GammaGammaModel
+from rapport.training.btyd import BetaGeoModel, GammaGammaModel, ParetoNBDModel
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -96,6 +96,11 @@ def main() -> None:
     seconds, params = _best(lambda: _rapport(data), args.repeats)
     report["rapport"] = {"seconds": seconds, "params": params}
     rows = [("rapport", seconds, params)]
+    pnbd_seconds, pnbd = _best(
+        lambda: ParetoNBDModel().fit(data["frequency"], data["recency"], data["T"]).params_,
+        args.repeats,
+    )
+    report["rapport_pareto_nbd"] = {"seconds": pnbd_seconds, "params": pnbd}
     lifetimes_fit = _lifetimes(data)
     if lifetimes_fit is None:
         report["lifetimes"] = None
@@ -118,6 +123,11 @@ def main() -> None:
     for name, secs, values in rows:
         cells = [f"{values[k]:.4g}" if k in values else "-" for k in names]
         lines.append(f"| {name} | {secs:.3f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Pareto/NBD fit (Rapport), same data: {pnbd_seconds:.3f} s; "
+        + ", ".join(f"{k} = {v:.4g}" for k, v in pnbd.items()),
+    ]
     if lifetimes_fit is None:
         lines += ["", "lifetimes: not importable here (it does not run on pandas 3)."]
     table = "\n".join(lines) + "\n"

@@ -42,6 +42,7 @@ from sklearn.ensemble import GradientBoostingClassifier, HistGradientBoostingReg
 
 from rapport.features.build import build_features, build_labels
 from rapport.features.datasets import CDNOW_CALIBRATION_END, CDNOW_END, load_cdnow
+from rapport.training.btyd import ParetoNBDModel
 from rapport.training.config import ModelConfig, load_config
 from rapport.training.metrics import churn_metrics, value_metrics
 from rapport.training.models import BTYDFeatures, ChurnModel, LogisticBaseline, ValueModel
@@ -320,6 +321,18 @@ def anchors(data: Data) -> list[Row]:
             "BG/NBD ranking by expected purchases",
             _rank_churn(y, -out[f"expected_purchases_{HORIZON}d"].to_numpy()),
             note="rank only",
+            rank_only=True,
+        )
+    )
+    # Pareto/NBD on the same calibration period, in weeks as the literature fits it
+    weeks = (test["frequency"], test["recency"] / 7, test["T"] / 7)
+    pnbd, secs = _timed(lambda: ParetoNBDModel().fit(*weeks))
+    rows.append(
+        Row(
+            "Pareto/NBD ranking by expected purchases",
+            _rank_churn(y, -pnbd.conditional_expected_purchases(HORIZON / 7, *weeks)),
+            fit_seconds=secs,
+            note="rank only; fitted on the sample's calibration period",
             rank_only=True,
         )
     )

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -11,6 +13,7 @@ from rapport.training.btyd import (
     BetaGeoModel,
     ConvergenceError,
     GammaGammaModel,
+    ParetoNBDModel,
     customer_lifetime_value,
     expected_spend,
 )
@@ -373,3 +376,76 @@ def test_conditional_summary_equals_the_separate_predictions(cdnow, bg):
     np.testing.assert_array_equal(
         summary["time_to_next"], bg.expected_time_to_next_purchase(x, t_x, big_t)
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pareto/NBD
+# ---------------------------------------------------------------------------------------------
+
+# Published CDNOW parameters (Fader, Hardie & Lee 2005, table 1; weeks).
+PNBD_CDNOW = {"r": 0.553, "alpha": 10.578, "s": 0.606, "beta": 11.669}
+
+
+@pytest.fixture(scope="module")
+def pnbd(cdnow) -> ParetoNBDModel:
+    return ParetoNBDModel().fit(cdnow["frequency"], cdnow["recency"], cdnow["T"])
+
+
+def test_pareto_nbd_reproduces_published_cdnow_fit(pnbd):
+    for name, published in PNBD_CDNOW.items():
+        assert sig(pnbd.params_[name]) == sig(published), name
+    assert round(pnbd.log_likelihood_, 2) == -9594.98
+    assert pnbd.n_customers_ == 2357
+
+
+def test_pareto_nbd_time_unit_only_rescales_the_rates(cdnow, pnbd):
+    days = ParetoNBDModel().fit(cdnow["frequency"], cdnow["recency"] * 7, cdnow["T"] * 7)
+    assert days.r_ == pytest.approx(pnbd.r_, rel=1e-3)
+    assert days.s_ == pytest.approx(pnbd.s_, rel=1e-3)
+    assert days.alpha_ == pytest.approx(7 * pnbd.alpha_, rel=1e-3)
+    assert days.beta_ == pytest.approx(7 * pnbd.beta_, rel=1e-3)
+
+
+def test_pareto_nbd_probability_alive_behaves(pnbd):
+    # one-time buyers are not alive for sure, and less so the longer ago they bought
+    p_new = pnbd.probability_alive([0, 0, 0], [0, 0, 0], [5.0, 20.0, 39.0])
+    assert np.all((p_new > 0) & (p_new < 1)) and np.all(np.diff(p_new) < 0)
+    # a more recent last purchase, other things equal, means more likely alive
+    p = pnbd.probability_alive([3, 3, 3], [10.0, 25.0, 38.0], [39.0, 39.0, 39.0])
+    assert np.all(np.diff(p) > 0)
+
+
+def test_pareto_nbd_monte_carlo_agrees_with_formulas():
+    # Simulate the model itself; the mean predicted future purchases and share alive must
+    # match what the simulated customers then do.
+    r, alpha, s, beta, big_t, t = 0.8, 8.0, 0.7, 12.0, 39.0, 26.0
+    rng = np.random.default_rng(0)
+    n = 40_000
+    lam = rng.gamma(r, 1 / alpha, n)
+    mu = rng.gamma(s, 1 / beta, n)
+    death = rng.exponential(1 / mu)
+    x, t_x, future = np.zeros(n), np.zeros(n), np.zeros(n)
+    for i in range(n):
+        end = min(death[i], big_t + t)
+        times = np.cumsum(rng.exponential(1 / lam[i], 1 + int(lam[i] * end * 3 + 20)))
+        times = times[times <= end]
+        seen = times[times <= big_t]
+        x[i], t_x[i] = len(seen), (seen[-1] if len(seen) else 0.0)
+        future[i] = len(times) - len(seen)
+    model = ParetoNBDModel.from_params(r, alpha, s, beta)
+    predicted = model.conditional_expected_purchases(t, x, t_x, np.full(n, big_t))
+    assert predicted.mean() == pytest.approx(future.mean(), rel=0.05)
+    alive = model.probability_alive(x, t_x, np.full(n, big_t))
+    assert alive.mean() == pytest.approx((death > big_t).mean(), abs=0.015)
+    # and the fit recovers the parameters from the simulated histories
+    fitted = ParetoNBDModel().fit(x, t_x, np.full(n, big_t))
+    for name, true in {"r": r, "alpha": alpha, "s": s, "beta": beta}.items():
+        assert fitted.params_[name] == pytest.approx(true, rel=0.25), name
+
+
+def test_pareto_nbd_last_purchase_at_the_cutoff(pnbd):
+    # no time left to have died unseen: the likelihood's A0 term is exactly 0, no warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        p = pnbd.probability_alive([2, 2], [39.0, 38.0], [39.0, 39.0])
+    assert p[0] == 1.0 and p[1] < 1.0
