@@ -257,7 +257,7 @@ def _worker_reference(task: str, home: Path, overrides: dict[str, Any]) -> dict[
         BTYDFeatures,
         ChurnModel,
         ValueModel,
-        _btyd_inputs,
+        btyd_inputs,
     )
 
     config = load_config(task, overrides)
@@ -269,7 +269,7 @@ def _worker_reference(task: str, home: Path, overrides: dict[str, Any]) -> dict[
     start = time.perf_counter()
     BTYDFeatures(config.horizon_days, seed=config.seed).fit(test).transform(test)
     out["bgnbd_baseline_seconds"] = time.perf_counter() - start
-    freq, rec, age, _ = _btyd_inputs(test)
+    freq, rec, age, _ = btyd_inputs(test)
     start = time.perf_counter()
     BetaGeoModel().fit(freq, rec, age)
     out["bgnbd_all_rows_seconds"] = time.perf_counter() - start

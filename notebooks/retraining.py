@@ -302,8 +302,8 @@ show(fig, "split")
 # Baselines, scored on the same test rows:
 #
 # - churn: `logistic` (logistic regression on log RFM), `bgnbd` (BG/NBD probability of no
-#   purchase in the horizon), `bgnbd_rank` (ranking by BG/NBD expected purchases: rank
-#   metrics only);
+#   purchase in the horizon), `bgnbd_rank` and `pnbd_rank` (ranking by BG/NBD and by
+#   Pareto/NBD expected purchases: rank metrics only);
 # - value: `bgnbd_gg` (BG/NBD expected purchases x Gamma-Gamma spend).
 
 # %%

@@ -97,7 +97,8 @@ class Preprocessor:
         return pd.DataFrame(out, index=frame.index)
 
 
-def _btyd_inputs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def btyd_inputs(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``frequency``, ``recency`` and ``T`` in weeks (the BTYD models' unit), ``monetary_value``."""
     for col in ("frequency", "recency", "T", "monetary_value"):
         if col not in frame.columns:
             raise FeatureSchemaError(f"missing feature column {col!r} (BTYD summary)")
@@ -127,7 +128,7 @@ class BTYDFeatures:
         """Fit both models on (a seeded sample of) the rows' BTYD summary."""
         if len(frame) > BTYD_FIT_ROWS:
             frame = frame.sample(BTYD_FIT_ROWS, random_state=self.seed)
-        freq, rec, age, money = _btyd_inputs(frame)
+        freq, rec, age, money = btyd_inputs(frame)
         self.bgnbd_ = BetaGeoModel().fit(freq, rec, age)
         repeat = (freq > 0) & (money > 0)
         self.mean_spend_ = float(money[repeat].mean()) if repeat.any() else 0.0
@@ -174,7 +175,7 @@ class BTYDFeatures:
         """The added columns for each row of ``frame`` (same index)."""
         if self.bgnbd_ is None:
             raise RuntimeError("BTYDFeatures is not fitted")
-        return pd.DataFrame(self.arrays(*_btyd_inputs(frame)), index=frame.index)
+        return pd.DataFrame(self.arrays(*btyd_inputs(frame)), index=frame.index)
 
     def arrays(
         self,

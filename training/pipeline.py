@@ -30,6 +30,7 @@ from mlflow.models import infer_signature
 from rapport.features.build import connect, discover_interaction_pairs
 from rapport.features.contracts import TableSource, load_interactions, load_transactions
 from rapport.training import plots, tracking, tuning
+from rapport.training.btyd import ConvergenceError, ParetoNBDModel
 from rapport.training.config import GATE_METRICS, ModelConfig
 from rapport.training.datasets import (
     OutOfTimeSplit,
@@ -39,10 +40,12 @@ from rapport.training.datasets import (
 )
 from rapport.training.metrics import churn_metrics, value_metrics
 from rapport.training.models import (
+    DAYS_PER_WEEK,
     BTYDFeatures,
     ChurnModel,
     LogisticBaseline,
     ValueModel,
+    btyd_inputs,
     input_columns,
 )
 from rapport.training.pyfunc import RapportModel
@@ -87,6 +90,27 @@ def _rank_only(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
     return {k: v for k, v in out.items() if k not in PROBABILITY_METRICS}
 
 
+#: Customers the Pareto/NBD baseline is fitted on (a seeded sample beyond that).
+PARETO_FIT_ROWS = 50_000
+
+
+def _pareto_nbd_rank(test: pd.DataFrame, horizon_days: int, *, seed: int) -> np.ndarray | None:
+    """Churn ranking score from Pareto/NBD: minus the expected purchases over the horizon.
+
+    Fitted, like the BG/NBD baseline, on the test cutoff's own history (a seeded sample of
+    :data:`PARETO_FIT_ROWS` customers: its gradient is numeric). A baseline that cannot be
+    fitted on some data (no repeat buyer, no convergence) is left out, not fatal.
+    """
+    rows = test if len(test) <= PARETO_FIT_ROWS else test.sample(PARETO_FIT_ROWS, random_state=seed)
+    try:
+        model = ParetoNBDModel().fit(*btyd_inputs(rows)[:3])
+    except (ValueError, ConvergenceError):
+        return None
+    freq, rec, age, _ = btyd_inputs(test)
+    expected = model.conditional_expected_purchases(horizon_days / DAYS_PER_WEEK, freq, rec, age)
+    return np.asarray(-expected, dtype=np.float64)
+
+
 def fit_and_evaluate(
     config: ModelConfig, train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame
 ) -> Evaluation:
@@ -104,7 +128,8 @@ def fit_and_evaluate(
     -------
     Evaluation
         Baselines: churn - ``logistic`` (log RFM), ``bgnbd`` (P(no purchase in the horizon))
-        and ``bgnbd_rank`` (ranking by expected purchases); value - ``bgnbd_gg`` (expected
+        ``bgnbd_rank`` (ranking by expected purchases) and ``pnbd_rank`` (the same with
+        Pareto/NBD, left out when it cannot be fitted on these rows); value - ``bgnbd_gg`` (expected
         purchases x Gamma-Gamma spend). The BTYD baselines are fitted on the test cutoff's own
         history, as the literature fits on the calibration period.
     """
@@ -125,6 +150,10 @@ def fit_and_evaluate(
         rank_score = -btyd[f"expected_purchases_{h}d"].to_numpy()
         predictions["bgnbd_rank"] = rank_score
         metrics["bgnbd_rank"] = _rank_only(y, rank_score)
+        pareto = _pareto_nbd_rank(test, h, seed=config.seed)
+        if pareto is not None:
+            predictions["pnbd_rank"] = pareto
+            metrics["pnbd_rank"] = _rank_only(y, pareto)
         valid_y = valid[config.label].astype("int8").to_numpy()
         valid_metrics = churn_metrics(valid_y, churn.predict_proba(valid))
         return Evaluation(churn, y, predictions, metrics, valid_metrics)
@@ -149,7 +178,7 @@ def _figures(evaluation: Evaluation, task: str) -> dict[str, Any]:
         )
     }
     if task == "churn":
-        probs = {k: v for k, v in preds.items() if k != "bgnbd_rank"}
+        probs = {k: v for k, v in preds.items() if not k.endswith("_rank")}
         figures["calibration.png"] = plots.calibration_plot(y, probs)
         figures["gain.png"] = plots.gain_plot(y, probs)
     else:

@@ -46,7 +46,7 @@ def test_first_run_is_tracked_registered_and_champion(
     for name in ("test_roc_auc", "test_brier", "test_ece", "valid_roc_auc"):
         assert 0 <= metrics[name] <= 1
     # Baselines are logged beside the model, on the same test rows.
-    for baseline in ("logistic", "bgnbd"):
+    for baseline in ("logistic", "bgnbd", "bgnbd_rank", "pnbd_rank"):
         assert f"baseline_{baseline}_test_roc_auc" in metrics
     assert run.data.params["test_cutoff"] == str(first_run.split.test)
     assert run.data.params["horizon_days"] == "90"
