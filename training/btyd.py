@@ -204,6 +204,38 @@ def _compress(columns: FloatArray, weights: FloatArray) -> tuple[FloatArray, Flo
     return ordered[starts][keep], summed[keep]
 
 
+def _positive_params(names: str, *values: float) -> FloatArray:
+    """Given model parameters as an array; an error naming them unless all positive, finite."""
+    params = np.array(values, dtype=np.float64)
+    if not np.all(np.isfinite(params)) or np.any(params <= 0):
+        raise ValueError(f"{names} must be positive and finite, got {params}")
+    return params
+
+
+def _repeat_history(
+    frequency: ArrayLike,
+    recency: ArrayLike,
+    T: ArrayLike,
+    weights: ArrayLike | None,
+    *,
+    model: str,
+) -> tuple[FloatArray, FloatArray, FloatArray, FloatArray, int]:
+    """A purchase-count model's inputs, checked and compressed to distinct rows.
+
+    Returns ``x``, ``t_x``, ``T`` and the summed weights of the distinct rows, and the number
+    of customers given. Without a single repeat purchase the dropout process leaves no trace:
+    the dropout parameters are not identified and the rate runs off to 0, so that is an error.
+    """
+    x, t_x, big_t = _rfm(frequency, recency, T)
+    n_customers = len(x)
+    w = _weights(weights, n_customers)
+    if not np.any((x > 0) & (w > 0)):
+        raise ValueError(f"frequency: no repeat purchases (frequency > 0) to fit {model} on")
+    rows, w = _compress(np.column_stack([x, t_x, big_t]), w)
+    x, t_x, big_t = rows.T
+    return x, t_x, big_t, w, n_customers
+
+
 def _not_fitted(model: object, attribute: str) -> None:
     if not hasattr(model, attribute):
         raise AttributeError(
@@ -249,9 +281,7 @@ class BetaGeoModel:
     @classmethod
     def from_params(cls, r: float, alpha: float, a: float, b: float) -> BetaGeoModel:
         """A model with given parameters, e.g. published ones or for simulation."""
-        params = np.array([r, alpha, a, b], dtype=np.float64)
-        if not np.all(np.isfinite(params)) or np.any(params <= 0):
-            raise ValueError(f"r, alpha, a, b must be positive and finite, got {params}")
+        params = _positive_params("r, alpha, a, b", r, alpha, a, b)
         model = cls()
         model.r_, model.alpha_, model.a_, model.b_ = (float(v) for v in params)
         return model
@@ -328,15 +358,9 @@ class BetaGeoModel:
             When the optimiser fails to converge.
         """
         penalizer = _penalizer(self.penalizer)
-        x, t_x, big_t = _rfm(frequency, recency, T)
-        w = _weights(weights, len(x))
-        n_customers = len(x)
-        if not np.any((x > 0) & (w > 0)):
-            # Without a single repeat purchase the dropout process leaves no trace: a and b
-            # are not identified and the rate runs off to 0.
-            raise ValueError("frequency: no repeat purchases (frequency > 0) to fit BG/NBD on")
-        rows, w = _compress(np.column_stack([x, t_x, big_t]), w)
-        x, t_x, big_t = rows.T
+        x, t_x, big_t, w, n_customers = _repeat_history(
+            frequency, recency, T, weights, model="BG/NBD"
+        )
         w_sum = float(w.sum())
 
         def objective(log_params: FloatArray) -> tuple[float, FloatArray]:
@@ -649,9 +673,7 @@ class ParetoNBDModel:
     @classmethod
     def from_params(cls, r: float, alpha: float, s: float, beta: float) -> ParetoNBDModel:
         """A model with given parameters, e.g. published ones."""
-        params = np.array([r, alpha, s, beta], dtype=np.float64)
-        if not np.all(np.isfinite(params)) or np.any(params <= 0):
-            raise ValueError(f"r, alpha, s, beta must be positive and finite, got {params}")
+        params = _positive_params("r, alpha, s, beta", r, alpha, s, beta)
         model = cls()
         model.r_, model.alpha_, model.s_, model.beta_ = (float(v) for v in params)
         return model
@@ -719,13 +741,9 @@ class ParetoNBDModel:
             When the optimiser fails to converge.
         """
         penalizer = _penalizer(self.penalizer)
-        x, t_x, big_t = _rfm(frequency, recency, T)
-        w = _weights(weights, len(x))
-        n_customers = len(x)
-        if not np.any((x > 0) & (w > 0)):
-            raise ValueError("frequency: no repeat purchases (frequency > 0) to fit Pareto/NBD on")
-        rows, w = _compress(np.column_stack([x, t_x, big_t]), w)
-        x, t_x, big_t = rows.T
+        x, t_x, big_t, w, n_customers = _repeat_history(
+            frequency, recency, T, weights, model="Pareto/NBD"
+        )
         w_sum = float(w.sum())
 
         def objective(log_params: FloatArray) -> float:
