@@ -32,7 +32,7 @@ from rapport.features.contracts import (
     read_table,
     validate_table,
 )
-from rapport.features.segments import SEGMENTS
+from rapport.features.segments import SEGMENTS, rfm_scores
 
 #: DuckDB's working-memory budget unless a caller sets one (``RAPPORT_DUCKDB_MEMORY_LIMIT``).
 DEFAULT_MEMORY_LIMIT = "2GB"
@@ -240,10 +240,14 @@ def _run(
 ) -> pa.Table:
     """Run one query; its result as Arrow, ``as_of`` as a timestamp."""
     with _bound(connection, cutoffs=cutoffs, tx=tx, ix=ix) as con:
-        result = con.execute(sql)
-        # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
-        fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-        table = fetch()
+        return _arrow(con.execute(sql))
+
+
+def _arrow(result: duckdb.DuckDBPyConnection) -> pa.Table:
+    """A query's whole result as Arrow, ``as_of`` as a timestamp."""
+    # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
+    fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
+    table = fetch()
     as_of = table.schema.get_field_index("as_of")
     return table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
 
@@ -310,9 +314,10 @@ def build_features(
         ``validate=False`` a Parquet path already in the contract is scanned by DuckDB
         directly, never materialised in pandas: the fast path for large trusted data.
     cutoff_batch
-        How many cutoffs one query computes. By default (``None``) as many as keep a query's
-        result within :data:`BATCH_ROWS` rows, judged from the customers who have bought by
-        the last cutoff.
+        By default (``None``) several cutoffs are computed together from one pass over the
+        events (:mod:`rapport.features.grid`: every event is read once, whatever the number
+        of cutoffs, and the features derive from those aggregates by the same SQL). A number
+        runs the feature SQL instead, on that many cutoffs per query.
     connection
         A DuckDB connection to use (from :func:`connect`); a private one by default.
 
@@ -414,9 +419,10 @@ def _feature_tables(
         validate=validate,
     )
     columns = defs.feature_columns(spec)
-    size = cutoff_batch
-    if size is None:
-        size = 1 if len(cutoffs) == 1 else _batch_size(_buyers_by(tx, cutoffs[-1], connection))
+    if len(cutoffs) > 1 and cutoff_batch is None:
+        yield from _grid_feature_tables(tx, ix, spec, cutoffs, connection)
+        return
+    size = cutoff_batch or 1
     done = 0
     while done < len(cutoffs):
         batch = cutoffs[done : done + size]
@@ -435,33 +441,63 @@ def _feature_tables(
         yield table.select(columns)
 
 
-#: Result rows (customers x cutoffs) one feature query aims at when batching cutoffs.
-BATCH_ROWS = 2_000_000
+def _grid_feature_tables(
+    tx: Input,
+    ix: Input | None,
+    spec: defs.FeatureSpec,
+    cutoffs: Sequence[dt.date],
+    connection: duckdb.DuckDBPyConnection | None,
+) -> Iterator[pa.Table]:
+    """Several cutoffs from one pass over the events (:mod:`rapport.features.grid`).
 
-
-def _batch_size(buyers: int) -> int:
-    """Cutoffs per query: as many as keep its result within :data:`BATCH_ROWS` rows.
-
-    ``buyers`` (customers with a purchase by the last cutoff) bounds the rows of every cutoff.
-    Batched cutoffs share the scan and the window pass over the events and one pass of each
-    aggregate, which pays while a batch fits DuckDB's memory budget: 12 cutoffs of 150k
-    customers took 6.4 s in one query against 8.7 s in batches of one then six then five.
-    At 1.45M customers per cutoff it no longer does: 12 cutoffs in pairs took 112 s against
-    104 s one by one, three in one query as long as one by one, and four 42.6 s against
-    about 4 x 9 s (the batch's aggregate and sort spill).
+    The base aggregates come from difference arrays, the features from them by the same SQL.
     """
-    return max(1, BATCH_ROWS // max(1, buyers))
+    from rapport.features.grid import grid_tables
+
+    unpacked = dataclasses.replace(spec, pack_counts=False)
+    columns = defs.feature_columns(spec)
+    sql = defs.features_sql(unpacked, source="grid")
+    with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
+        keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
+        for grid in grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS):
+            con.register("grid", grid)
+            # the query is a projection: with insertion order kept, rows stay in grid order
+            con.execute("SET preserve_insertion_order = true")
+            try:
+                table = _arrow(con.execute(sql))
+            finally:
+                con.execute(f"SET preserve_insertion_order = {bool(keep_order and keep_order[0])}")
+                con.unregister("grid")
+            del grid
+            yield _with_scores(table).select(columns)
 
 
-def _buyers_by(tx: Input, cutoff: dt.date, connection: duckdb.DuckDBPyConnection | None) -> int:
-    """How many customers have a purchase on or before ``cutoff`` (one cheap scan)."""
-    sql = (
-        "SELECT COUNT(DISTINCT customer_id) FROM tx "
-        "WHERE amount >= 0 AND CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)"
-    )
-    with _bound(connection, cutoffs=[cutoff], tx=tx, ix=None) as con:
-        row = con.execute(sql).fetchone()
-    return int(row[0]) if row else 0
+#: Rows per batch on the grid path: a projection streams, so batches can be bigger.
+GRID_BATCH_ROWS = 4_000_000
+
+
+def _with_scores(table: pa.Table) -> pa.Table:
+    """R, F, M, FM scores and segment, ranked within each cutoff of an ordered table."""
+    as_of = table.column("as_of").to_numpy()
+    bounds = np.flatnonzero(np.diff(as_of.astype("int64"))) + 1
+    parts: dict[str, list[np.ndarray]] = {}
+    inputs = {c: table.column(c).to_numpy() for c in ("recency_days", "n_purchase_days")}
+    inputs["total_spend"] = table.column("total_spend").to_numpy()
+    for lo, hi in zip([0, *bounds], [*bounds, len(as_of)], strict=True):
+        if hi == lo:  # no rows at all
+            continue
+        scores = rfm_scores({c: v[lo:hi] for c, v in inputs.items()})
+        for name, values in scores.items():
+            parts.setdefault(name, []).append(values)
+
+    def joined(name: str, dtype: str) -> np.ndarray:
+        return np.concatenate(parts[name]) if name in parts else np.zeros(0, dtype=dtype)
+
+    for name in ("r_score", "f_score", "m_score", "fm_score"):
+        table = table.append_column(name, pa.array(joined(name, "int32")))
+    codes = pa.array(joined("segment", "int8"))
+    segment = pa.DictionaryArray.from_arrays(codes, pa.array(list(SEGMENTS)))
+    return table.append_column("segment", segment)
 
 
 def stream_features(

@@ -150,13 +150,14 @@ def features_build(
     ix_columns: IxColumnsOpt = "",
     timestamp_format: FormatOpt = None,
     cutoff_batch: Annotated[
-        int,
+        int | None,
         typer.Option(
             min=1,
-            help="Cutoffs computed together: more share scans, fewer bound the memory "
-            "(each batch is held once while it is written).",
+            help="Run the feature SQL on this many cutoffs per query. By default several "
+            "cutoffs come from one pass over the events (the grid), written in batches of "
+            "about 4M rows.",
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Build point-in-time RFM + interaction features per customer and cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))

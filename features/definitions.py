@@ -361,7 +361,16 @@ def _transaction_sql(spec: FeatureSpec) -> str:
         JOIN cutoffs AS c ON d.day <= c.as_of
         GROUP BY d.customer_id, c.as_of
         HAVING MAX(CASE WHEN d.is_purchase THEN d.day END) IS NOT NULL
-    ),
+    )"""
+
+
+def _transaction_features_sql(spec: FeatureSpec, *, passthrough: Sequence[str] = ()) -> str:
+    """``tx_counted`` and ``tx_feat`` from the base aggregates in ``tx_agg``.
+
+    ``passthrough`` names more ``tx_agg`` columns to carry into ``tx_feat`` unchanged.
+    """
+    extra = "".join(f",\n            {name}" for name in passthrough)
+    return f"""
     tx_counted AS (
         SELECT
             *,
@@ -396,7 +405,7 @@ def _transaction_sql(spec: FeatureSpec) -> str:
                           * DATE_DIFF('day', first_day, last_day) / (n_purchase_days - 1))
                 / (n_purchase_days - 2)))
             END AS ipt_std_days,
-            {_window_outputs(spec)}
+            {_window_outputs(spec)}{extra}
         FROM tx_counted
     )"""
 
@@ -417,14 +426,14 @@ def _window_outputs(spec: FeatureSpec) -> str:
     return ",\n            ".join(outs)
 
 
-def _interaction_sql(spec: FeatureSpec) -> str:
-    # One aggregate per customer and cutoff straight over the event rows. Each row is coded
-    # once (small integers instead of strings, its window flags packed into one integer per
-    # group of windows), then every output is a conditional sum or max of those codes: one
-    # pass, no intermediate table per (channel, event) to build and pivot.
+def _ix_rows_sql(spec: FeatureSpec) -> str:
+    """Interaction rows up to the last cutoff, each coded once.
+
+    Small integers for its (channel, event) pair and its channel, flags for responses and
+    complaints.
+    """
     non_response = ", ".join(_quote(e) for e in (*OUTBOUND_EVENTS, COMPLAINT_EVENT))
     pair_id = {pair: k for k, pair in enumerate(spec.interaction_pairs)}
-    channel_id = {ch: k for k, ch in enumerate(spec.channels)}
     # channel first, then event within it: a row is compared with a handful of strings, not
     # with every pair
     by_channel = " ".join(
@@ -433,7 +442,30 @@ def _interaction_sql(spec: FeatureSpec) -> str:
         + " END"
         for ch in spec.channels
     )
-    channel_case = " ".join(f"WHEN channel = {_quote(ch)} THEN {k}" for ch, k in channel_id.items())
+    channel_case = " ".join(
+        f"WHEN channel = {_quote(ch)} THEN {k}" for k, ch in enumerate(spec.channels)
+    )
+    return f"""
+    ix_rows AS (
+        SELECT
+            customer_id,
+            CAST(timestamp AS DATE) AS day,
+            CASE {by_channel} END AS pair_id,
+            CASE {channel_case} END AS channel_id,
+            event NOT IN ({non_response}) AS is_response,
+            event = {_quote(COMPLAINT_EVENT)} AS is_complaint
+        FROM ix
+        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
+    )"""
+
+
+def _interaction_sql(spec: FeatureSpec) -> str:
+    # One aggregate per customer and cutoff straight over the coded event rows: their window
+    # flags packed into one integer per group of windows, then every output is a conditional
+    # sum or max of those codes: one pass, no intermediate table per (channel, event) to
+    # build and pivot.
+    pair_id = {pair: k for k, pair in enumerate(spec.interaction_pairs)}
+    channel_id = {ch: k for k, ch in enumerate(spec.channels)}
     groups = _window_groups(spec)
     flags = ",\n            ".join(
         "{} AS w_{}".format(
@@ -470,17 +502,6 @@ def _interaction_sql(spec: FeatureSpec) -> str:
         aggs.append(f"CAST(SUM({_packed(terms)}) AS BIGINT) AS _channel_responses_{g}")
     body = ",\n            ".join(aggs)
     return f"""
-    ix_rows AS (
-        SELECT
-            customer_id,
-            CAST(timestamp AS DATE) AS day,
-            CASE {by_channel} END AS pair_id,
-            CASE {channel_case} END AS channel_id,
-            event NOT IN ({non_response}) AS is_response,
-            event = {_quote(COMPLAINT_EVENT)} AS is_complaint
-        FROM ix
-        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
-    ),
     ix_feat AS (
         SELECT
             p.customer_id,
@@ -504,15 +525,18 @@ def _interaction_sql(spec: FeatureSpec) -> str:
     )"""
 
 
-def _interaction_outputs(spec: FeatureSpec) -> list[str]:
-    """Select-list entries turning ``ix_feat`` columns into the final interaction features."""
+def _interaction_outputs(spec: FeatureSpec, src: str = "x") -> list[str]:
+    """Select-list entries turning ``ix_feat`` columns into the final interaction features.
+
+    ``src`` is the alias of the relation holding those columns.
+    """
     pairs = set(spec.interaction_pairs)
     groups = _window_groups(spec)
     where = {w: (g, j, len(group)) for g, group in enumerate(groups) for j, w in enumerate(group)}
 
     def count(packed_prefix: str, w: int) -> str:
         g, j, n = where[w]
-        return _field(f"COALESCE(x.{packed_prefix}_{g}, 0)", j, n)
+        return _field(f"COALESCE({src}.{packed_prefix}_{g}, 0)", j, n)
 
     outs = []
     for k, (c, e) in enumerate(spec.interaction_pairs):
@@ -521,13 +545,13 @@ def _interaction_outputs(spec: FeatureSpec) -> list[str]:
     for k, ch in enumerate(spec.channels):
         # DOUBLE so that "never" is NaN, as in every other missing feature
         outs.append(
-            f"CAST(DATE_DIFF('day', x._last_channel_{k}, t.as_of) AS DOUBLE)"
+            f"CAST(DATE_DIFF('day', {src}._last_channel_{k}, t.as_of) AS DOUBLE)"
             f" AS days_since_{column_fragment(ch)}"
         )
     for kind in ("response", "complaint"):
         outs += [f"{count(f'_{kind}s', w)} AS {kind}s_{w}d" for w in spec.windows]
         outs.append(
-            f"CAST(DATE_DIFF('day', x._last_{kind}, t.as_of) AS DOUBLE) AS days_since_{kind}"
+            f"CAST(DATE_DIFF('day', {src}._last_{kind}, t.as_of) AS DOUBLE) AS days_since_{kind}"
         )
     if ("email", "sent") in pairs:
         k_sent = spec.interaction_pairs.index(("email", "sent"))
@@ -545,7 +569,7 @@ def _interaction_outputs(spec: FeatureSpec) -> list[str]:
     for k in range(len(spec.channels)):
         g, j = divmod(k, width)
         n = min(width, len(spec.channels) - g * width)
-        responses.append(_field(f"COALESCE(x._channel_responses_{g}, 0)", j, n))
+        responses.append(_field(f"COALESCE({src}._channel_responses_{g}, 0)", j, n))
     best = f"GREATEST({', '.join(responses)})" if len(responses) > 1 else responses[0]
     whens = " ".join(
         f"WHEN {r} = {best} THEN {_quote(ch)}"
@@ -586,20 +610,72 @@ def _score_lookup(name: str, column: str, *, descending: bool) -> str:
     )"""
 
 
-def features_sql(spec: FeatureSpec, *, ordered: bool = True) -> str:
+def aggregate_columns(spec: FeatureSpec) -> tuple[list[str], list[str]]:
+    """The base aggregates every feature derives from: ``tx_agg``'s and ``ix_feat``'s columns.
+
+    Keys aside, for a spec that does not pack counts (one window per integer).
+
+    :mod:`rapport.features.grid` computes exactly these for many cutoffs at once;
+    ``features_sql(spec, source="grid")`` derives the features from them.
+    """
+    if spec.pack_counts:
+        raise ValueError("aggregate_columns describes unpacked counts (pack_counts=False)")
+    tx = ["first_day", "last_day", "_counts", "_purchase_rows", "total_spend", "repeat_spend"]
+    tx += ["order_spend", "order_spend_sq", "gap_sq"]
+    tx += [f"_purchases_{kind}_{g}" for g in range(len(spec.windows)) for kind in ("now", "two")]
+    tx += [f"{name}_{w}d" for w in spec.windows for name in ("spend", "_spend_before")]
+    if not spec.interaction_pairs:
+        return tx, []
+    n_windows = len(spec.windows)
+    ix = [f"_pair_{k}_{g}" for k in range(len(spec.interaction_pairs)) for g in range(n_windows)]
+    ix += [f"_last_channel_{k}" for k in range(len(spec.channels))]
+    for kind in ("response", "complaint"):
+        ix += [f"_{kind}s_{g}" for g in range(n_windows)] + [f"_last_{kind}"]
+    ix += [f"_channel_responses_{k}" for k in range(len(spec.channels))]
+    return tx, ix
+
+
+def features_sql(spec: FeatureSpec, *, ordered: bool = True, source: str = "events") -> str:
     """The whole feature query: one row per (customer with a purchase by ``as_of``, ``as_of``).
 
     Columns are :func:`feature_columns` (``spec``), ordered by ``as_of`` then ``customer_id``
     (unordered with ``ordered=False``, for a caller that sorts the result itself).
+
+    With ``source="events"`` (the default) the query reads the event relations ``tx``,
+    ``ix`` and ``cutoffs``. With ``source="grid"`` it reads one relation ``grid`` holding
+    ``customer_id``, ``as_of`` and the base aggregates of :func:`aggregate_columns` (an
+    unpacked ``spec``), computed elsewhere, and derives every feature from them the same way,
+    as one projection: every column but :data:`SCORE_COLUMNS`, in the grid's row order. The
+    scores rank customers within a cutoff; the caller computes them with
+    :func:`rapport.features.segments.rfm_scores`, the same rule in numpy.
     """
-    ctes = [_rows_sql(), _transaction_sql(spec)]
+    if source not in ("events", "grid"):
+        raise ValueError(f"source must be 'events' or 'grid', got {source!r}")
     tx_cols = [f"t.{c}" for c in transaction_feature_columns(spec)]
     select = ["t.customer_id", "t.as_of", *tx_cols]
     join = ""
-    if spec.interaction_pairs:
-        ctes.append(_interaction_sql(spec))
-        select += _interaction_outputs(spec)
-        join = "LEFT JOIN ix_feat AS x ON x.customer_id = t.customer_id AND x.as_of = t.as_of"
+    if source == "grid":
+        # one relation holds both tables' aggregates, so no join: tx_feat carries them along
+        ix_base = aggregate_columns(spec)[1]
+        ctes = ["\n    tx_agg AS (SELECT * FROM grid)"]
+        ctes.append(_transaction_features_sql(spec, passthrough=ix_base))
+        if spec.interaction_pairs:
+            select += _interaction_outputs(spec, src="t")
+    else:
+        ctes = [_rows_sql(), _transaction_sql(spec), _transaction_features_sql(spec)]
+        if spec.interaction_pairs:
+            ctes += [_ix_rows_sql(spec), _interaction_sql(spec)]
+            select += _interaction_outputs(spec)
+            join = "LEFT JOIN ix_feat AS x ON x.customer_id = t.customer_id AND x.as_of = t.as_of"
+    if source == "grid":
+        # a pure projection: the rows keep the grid's order, and the caller ranks the scores
+        return (
+            "WITH"
+            + ",".join(ctes)
+            + "\n    SELECT\n        "
+            + ",\n        ".join(select)
+            + ("\n    FROM tx_feat AS t\n")
+        )
     select += ["s.r_score", "s.f_score", "s.m_score"]
     body = ",\n        ".join(select)
     ctes.append(_score_lookup("r_scores", "recency_days", descending=True))

@@ -128,23 +128,98 @@ def scores_against(rows: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
         ``r_score``, ``f_score``, ``m_score``, ``fm_score`` (int32, 1-5) and ``segment``
         (category of :data:`SEGMENTS`), on ``rows``' index.
     """
-    n = len(reference)
-    if n == 0:
+    if len(reference) == 0:
         raise ValueError("the reference population is empty")
-    out: dict[str, np.ndarray] = {}
-    for score, column, descending in SCORED_FEATURES:
+    for score, column, _ in SCORED_FEATURES:
         for name, frame in (("rows", rows), ("reference", reference)):
             if column not in frame.columns:
                 raise ValueError(f"{name} lack the column {column!r} needed for {score}")
-        ref = np.sort(reference[column].to_numpy(dtype="float64", na_value=np.nan))
-        values = rows[column].to_numpy(dtype="float64", na_value=np.nan)
-        below = np.searchsorted(ref, values, side="left")
-        rank = below / (n - 1) if n > 1 else np.zeros(len(values))
+    out = rfm_scores(
+        {
+            column: rows[column].to_numpy(dtype="float64", na_value=np.nan)
+            for _, column, _ in SCORED_FEATURES
+        },
+        {
+            column: reference[column].to_numpy(dtype="float64", na_value=np.nan)
+            for _, column, _ in SCORED_FEATURES
+        },
+    )
+    segment = out.pop("segment")
+    frame = pd.DataFrame(out, index=rows.index)
+    frame["segment"] = pd.Categorical.from_codes(segment, categories=pd.Index(list(SEGMENTS)))
+    return frame
+
+
+def _segment_table() -> np.ndarray:
+    """Segment code (position in :data:`SEGMENTS`) by ``[r_score, fm_score]`` (1-5 each)."""
+    table = np.full((6, 6), -1, dtype=np.int8)
+    for name, rs, fms in SEGMENT_RULES:
+        for r in rs:
+            for fm in fms:
+                table[r, fm] = SEGMENTS.index(name)
+    return table
+
+
+_SEGMENT_TABLE = _segment_table()
+
+
+def _below_within(x: np.ndarray) -> np.ndarray:
+    """For each value, how many values of ``x`` are smaller (NaN sorts last, as in SQL)."""
+    if len(x) and np.all(np.isfinite(x)) and np.all(x == np.round(x)):
+        # whole numbers (days, counts) in a modest range: a histogram, no sort
+        lo, hi = x.min(), x.max()
+        if hi - lo <= 4 * len(x) + 1024:
+            idx = (x - lo).astype(np.int64)
+            counts = np.bincount(idx, minlength=int(hi - lo) + 1)
+            return (np.cumsum(counts) - counts)[idx]
+    order = np.argsort(x, kind="stable")
+    ordered = x[order]
+    # the first position of each run of equal values is how many are smaller
+    new_run = np.ones(len(x), dtype=bool)
+    new_run[1:] = ordered[1:] != ordered[:-1]
+    new_run[1:] &= ~(np.isnan(ordered[1:]) & np.isnan(ordered[:-1]))
+    starts = np.maximum.accumulate(np.where(new_run, np.arange(len(x)), 0))
+    below = np.empty(len(x), dtype=np.int64)
+    below[order] = starts
+    return below
+
+
+def rfm_scores(
+    values: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
+    """R, F, M, FM scores and segment codes, vectorised: the SQL's rule in numpy.
+
+    ``PERCENT_RANK`` = (reference values below the value) / (reference size - 1), cut in
+    fifths; ``fm_score = ceil((f_score + m_score) / 2)``.
+
+    Parameters
+    ----------
+    values
+        ``recency_days``, ``n_purchase_days``, ``total_spend`` arrays of the rows to score.
+    reference
+        The same for the population they are ranked in (default: the rows themselves, which
+        is what the SQL does within each cutoff).
+
+    Returns
+    -------
+    dict
+        ``r_score``, ``f_score``, ``m_score``, ``fm_score`` (int32, 1-5) and ``segment`` (int8
+        codes into :data:`SEGMENTS`).
+    """
+    out: dict[str, np.ndarray] = {}
+    for score, column, descending in SCORED_FEATURES:
+        x = np.asarray(values[column], dtype="float64")
+        if reference is None:
+            n, below = len(x), _below_within(x)
+        else:
+            ref = np.sort(np.asarray(reference[column], dtype="float64"))
+            n, below = len(ref), np.searchsorted(ref, x, side="left")
+        if n == 0:
+            raise ValueError("the reference population is empty")
+        rank = below / (n - 1) if n > 1 else np.zeros(len(below))
         bucket = np.minimum(4, np.floor(5 * rank)).astype("int32")
         out[score] = (5 - bucket) if descending else (1 + bucket)
     fm = np.ceil((out["f_score"] + out["m_score"]) / 2.0).astype("int32")
     out["fm_score"] = fm
-    segments = [segment_of(int(r), int(f)) for r, f in zip(out["r_score"], fm, strict=True)]
-    frame = pd.DataFrame(out, index=rows.index)
-    frame["segment"] = pd.Categorical(segments, categories=SEGMENTS)
-    return frame
+    out["segment"] = _SEGMENT_TABLE[out["r_score"], fm]
+    return out

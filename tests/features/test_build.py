@@ -308,22 +308,6 @@ def test_result_is_an_ordinary_writeable_frame(tiny_tx, tiny_ix, as_of):
     assert feats.loc[0, "n_purchases"] == 99
 
 
-def test_default_batches_follow_the_buyers_by_the_last_cutoff(tiny_tx, tiny_ix, monkeypatch):
-    from rapport.features import build
-
-    # A and B have bought by 2024-03-01; C buys later; D only has a refund
-    assert build._buyers_by(tiny_tx, dt.date(2024, 3, 1), None) == 2
-    assert build._buyers_by(tiny_tx, dt.date(2024, 3, 31), None) == 3
-    cutoffs = ["2024-01-31", "2024-02-15", "2024-02-29", "2024-03-31", "2024-04-30"]
-    monkeypatch.setattr(build, "BATCH_ROWS", 6)  # three buyers: two cutoffs per query
-    batches = list(build.iter_features(tiny_tx, tiny_ix, as_of=cutoffs))
-    assert [b["as_of"].nunique() for b in batches] == [2, 2, 1]
-    whole = build_features(tiny_tx, tiny_ix, as_of=cutoffs, cutoff_batch=len(cutoffs))
-    pd.testing.assert_frame_equal(pd.concat(batches, ignore_index=True), whole)
-    monkeypatch.setattr(build, "BATCH_ROWS", 1)  # never fewer than one cutoff per query
-    assert [b["as_of"].nunique() for b in build.iter_features(tiny_tx, as_of=cutoffs)] == [1] * 5
-
-
 def test_connections_spill_to_their_own_directory():
     # A shared spill directory let concurrent processes read each other's DuckDB temp files.
     from rapport.features.build import connect
