@@ -70,9 +70,26 @@ class _Grid:
         return [full[j][rows].astype(dtype, copy=False) for j, rows in enumerate(self.present)]
 
     def _bins(self, rows: _Rows, k: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
-        # cutoff-major, so that running sums add whole contiguous rows; one spare row past
-        # the last cutoff takes the exits that never happen
-        return np.bincount(k * self.n + rows.code, weights=weights, minlength=self.n * (self.k + 1))
+        # customer-major: the rows come grouped by customer, so the counts land close together
+        # (cutoff-major bins cost twice as much); one spare column past the last cutoff takes
+        # the exits that never happen
+        return np.bincount(
+            rows.code * (self.k + 1) + k, weights=weights, minlength=self.n * (self.k + 1)
+        )
+
+    def _running(self, delta: np.ndarray, dtype: type) -> list[np.ndarray]:
+        """Running sums along the cutoffs, kept per cutoff for its present customers.
+
+        One accumulator adds a column at a time: half the time of transposing and running a
+        cumsum (1.5M customers x 12 cutoffs), and never a second full-size array.
+        """
+        columns = delta.reshape(self.n, self.k + 1)
+        acc = columns[:, 0].copy()
+        out = [acc[self.present[0]].astype(dtype, copy=False)]
+        for j in range(1, self.k):
+            acc += columns[:, j]
+            out.append(acc[self.present[j]].astype(dtype, copy=False))
+        return out
 
     def total(
         self, rows: _Rows, weights: np.ndarray | None = None, *, window: int | None = None
@@ -86,9 +103,12 @@ class _Grid:
             # day + window > day, so the exit is never before the entry; at the entry itself
             # (cutoffs further apart than the window) it cancels it
             delta -= self._bins(rows, self.index(rows.day, window), weights)
-        full = np.cumsum(delta.reshape(self.k + 1, self.n)[: self.k], axis=0)
-        del delta
-        return self._split(full, np.int64 if weights is None else np.float64)
+        # counts are stored as int32 when no count can reach 2**31 (fewer rows than that),
+        # halving the grid; grid_tables hands them to the SQL as BIGINT like the aggregates
+        # they replace
+        if weights is not None:
+            return self._running(delta, np.float64)
+        return self._running(delta, np.int32 if len(rows.code) < 2**31 else np.int64)
 
     def latest(self, rows: _Rows) -> list[np.ndarray]:
         """Per cutoff, the latest day it sees (``_NO_DAY`` where none), int32."""
@@ -256,6 +276,8 @@ def grid_tables(
             out[name][start:stop] = [np.empty(0)] * (stop - start)
             if name in days:
                 columns[name] = pa.array(values, mask=values == _NO_DAY).cast(pa.date32())
+            elif values.dtype == np.int32:
+                columns[name] = pa.array(values.astype(np.int64))
             else:
                 columns[name] = pa.array(values)
         for j in range(start, stop):
