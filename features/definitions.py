@@ -299,6 +299,30 @@ def _rows_sql() -> str:
     )"""
 
 
+def marked_transactions_sql() -> str:
+    """Transaction rows up to the last cutoff with their cutoff-free marks.
+
+    Columns ``customer_id``, ``day``, ``amount``, ``is_purchase``, ``new_day``, ``gap``,
+    ``repeat_day`` (see :func:`_rows_sql`); reads ``tx`` and ``cutoffs``.
+    """
+    return (
+        f"WITH{_rows_sql()} "
+        "SELECT customer_id, day, amount, is_purchase, new_day, gap, repeat_day FROM tx_marked"
+    )
+
+
+def coded_interactions_sql(spec: FeatureSpec) -> str:
+    """Interaction rows up to the last cutoff, coded as the aggregates read them.
+
+    Columns ``customer_id``, ``day``, ``pair_id``, ``channel_id``, ``is_response``,
+    ``is_complaint``; reads ``ix`` and ``cutoffs``.
+    """
+    return (
+        f"WITH{_ix_rows_sql(spec)} "
+        "SELECT customer_id, day, pair_id, channel_id, is_response, is_complaint FROM ix_rows"
+    )
+
+
 def _trend(now: str, before: str) -> str:
     return (
         f"CASE WHEN ABS({now}) + ABS({before}) > 0 "

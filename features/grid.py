@@ -94,9 +94,10 @@ class _Grid:
     def total(
         self, rows: _Rows, weights: np.ndarray | None = None, *, window: int | None = None
     ) -> list[np.ndarray]:
-        """Per cutoff, the sum of ``weights`` over the rows it sees (int64 counts when None).
+        """Per cutoff, the sum of ``weights`` over the rows it sees (a count when None).
 
-        With ``window``, only the rows within its last ``window`` days; float64 sums.
+        With ``window``, only the rows within its last ``window`` days. Counts come as int32
+        (int64 past 2**31 rows), sums as float64.
         """
         delta = self._bins(rows, rows.k0, weights)
         if window is not None:
@@ -153,10 +154,7 @@ def base_aggregates(
     """
     k = len(cutoffs)
     cutoff_days = np.array([(c - _EPOCH).days for c in cutoffs], dtype=np.int64)
-    marked = con.execute(
-        f"WITH{defs._rows_sql()} "
-        "SELECT customer_id, day, amount, is_purchase, new_day, gap, repeat_day FROM tx_marked"
-    ).to_arrow_table()
+    marked = con.execute(defs.marked_transactions_sql()).to_arrow_table()
     ids, code = _codes(marked.column("customer_id"))
     day = _days(marked.column("day"))
     k0 = np.searchsorted(cutoff_days, day, side="left")
@@ -208,10 +206,7 @@ def _codes(customer_id: pa.ChunkedArray) -> tuple[pd.Index, np.ndarray]:
 def _interaction_aggregates(
     con: duckdb.DuckDBPyConnection, spec: defs.FeatureSpec, ids: pd.Index, grid: _Grid
 ) -> dict[str, list[np.ndarray]]:
-    coded = con.execute(
-        f"WITH{defs._ix_rows_sql(spec)} "
-        "SELECT customer_id, day, pair_id, channel_id, is_response, is_complaint FROM ix_rows"
-    ).to_arrow_table()
+    coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     # interactions of customers who never bought are never features
     code = ids.get_indexer(coded.column("customer_id").to_pandas())
     keep = code >= 0
