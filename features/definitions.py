@@ -21,7 +21,10 @@ each aggregate costs time per input row, so there are as few as possible: counts
 windows share one BIGINT (:func:`_window_groups`), interaction rows are coded to small
 integers once, and the R and F scores rank a histogram of their values instead of sorting
 every customer. The window marks do not depend on the cutoff, so several cutoffs in one query
-share them and the scan.
+share them and the scan. For many cutoffs (training sets) :mod:`rapport.features.grid`
+computes the base aggregates (:func:`aggregate_columns`) from these same marks by difference
+arrays, reading each event once, and ``features_sql(spec, source="grid")`` derives the
+features from them with the very expressions below.
 
 Definitions (``d`` is a day, ``c`` the cutoff date, a "purchase" a transaction row with
 ``amount >= 0``; refunds are negative rows: they count in spend but never as purchases):
