@@ -155,6 +155,7 @@ def base_aggregates(
     k = len(cutoffs)
     cutoff_days = np.array([(c - _EPOCH).days for c in cutoffs], dtype=np.int64)
     marked = con.execute(defs.marked_transactions_sql()).to_arrow_table()
+    id_type = marked.schema.field("customer_id").type
     ids, code = _codes(marked.column("customer_id"))
     day = _days(marked.column("day"))
     k0 = np.searchsorted(cutoff_days, day, side="left")
@@ -193,7 +194,7 @@ def base_aggregates(
     for name in ("total_spend", "repeat_spend", "order_spend"):
         out[name] = [np.round(a, 6) for a in out[name]]
     if spec.interaction_pairs:
-        out.update(_interaction_aggregates(con, spec, ids, grid))
+        out.update(_interaction_aggregates(con, spec, ids, id_type, grid))
     return ids, present, out
 
 
@@ -204,11 +205,26 @@ def _codes(customer_id: pa.ChunkedArray) -> tuple[pd.Index, np.ndarray]:
 
 
 def _interaction_aggregates(
-    con: duckdb.DuckDBPyConnection, spec: defs.FeatureSpec, ids: pd.Index, grid: _Grid
+    con: duckdb.DuckDBPyConnection,
+    spec: defs.FeatureSpec,
+    ids: pd.Index,
+    id_type: pa.DataType,
+    grid: _Grid,
 ) -> dict[str, list[np.ndarray]]:
     coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     # interactions of customers who never bought are never features
-    code = ids.get_indexer(coded.column("customer_id").to_pandas())
+    customer_id = coded.column("customer_id")
+    if customer_id.type != id_type:
+        # files typed differently (ids as text in one, numbers in the other): compare them as
+        # the transactions' type, as the SQL's join would, rather than match nothing
+        try:
+            customer_id = customer_id.cast(id_type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            raise ValueError(
+                f"interactions: customer_id is {customer_id.type} but transactions have "
+                f"{id_type}, and the values do not convert: {err}"
+            ) from err
+    code = ids.get_indexer(customer_id.to_pandas())
     keep = code >= 0
     day = _days(coded.column("day"))[keep]
     rows = _Rows(code[keep], day, grid.index(day))

@@ -146,3 +146,38 @@ def test_cutoff_dates_before_any_purchase_give_no_rows(tiny_tx):
     grid, sql = _both(tiny_tx, None, early)
     assert grid.empty and sql.empty
     assert list(grid.columns) == list(sql.columns)
+
+
+def test_parquet_files_with_differently_typed_ids_match_like_the_sql(tmp_path):
+    tx = pd.DataFrame(
+        {
+            "customer_id": [1, 1, 2, 3],
+            "timestamp": pd.to_datetime(["2024-01-01", "2024-02-01", "2024-01-15", "2024-03-01"]),
+            "amount": [10.0, 20.0, 5.0, 7.0],
+        }
+    )
+    ix = pd.DataFrame(
+        {
+            "customer_id": ["1", "2", "2", "9"],  # text ids, numbers in the transactions
+            "timestamp": pd.to_datetime(["2024-01-05", "2024-01-20", "2024-02-20", "2024-01-01"]),
+            "channel": ["web"] * 4,
+            "event": ["visit"] * 4,
+        }
+    )
+    tx.to_parquet(tmp_path / "tx.parquet")
+    ix.to_parquet(tmp_path / "ix.parquet")
+    grid, sql = _both(
+        tmp_path / "tx.parquet", tmp_path / "ix.parquet", ["2024-02-29", "2024-03-31"]
+    )
+    assert grid["web_visits_365d"].sum() == 6
+    pd.testing.assert_frame_equal(grid, sql)
+
+    ix.loc[0, "customer_id"] = "not-a-number"
+    ix.to_parquet(tmp_path / "ix.parquet")
+    with pytest.raises(ValueError, match="customer_id is string but transactions have int64"):
+        build_features(
+            tmp_path / "tx.parquet",
+            tmp_path / "ix.parquet",
+            as_of=["2024-02-29", "2024-03-31"],
+            validate=False,
+        )
