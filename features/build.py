@@ -32,7 +32,7 @@ from rapport.features.contracts import (
     read_table,
     validate_table,
 )
-from rapport.features.segments import SEGMENTS, rfm_scores
+from rapport.features.segments import SCORED_FEATURES, SEGMENTS, rfm_scores
 
 #: DuckDB's working-memory budget unless a caller sets one (``RAPPORT_DUCKDB_MEMORY_LIMIT``).
 DEFAULT_MEMORY_LIMIT = "2GB"
@@ -420,7 +420,7 @@ def _feature_tables(
     )
     columns = defs.feature_columns(spec)
     if len(cutoffs) > 1 and cutoff_batch is None:
-        yield from _grid_feature_tables(tx, ix, spec, cutoffs, connection)
+        yield from _grid_feature_tables(tx, ix, spec, cutoffs, columns, connection)
         return
     size = cutoff_batch or 1
     done = 0
@@ -446,16 +446,17 @@ def _grid_feature_tables(
     ix: Input | None,
     spec: defs.FeatureSpec,
     cutoffs: Sequence[dt.date],
+    columns: list[str],
     connection: duckdb.DuckDBPyConnection | None,
 ) -> Iterator[pa.Table]:
     """Several cutoffs from one pass over the events (:mod:`rapport.features.grid`).
 
-    The base aggregates come from difference arrays, the features from them by the same SQL.
+    The base aggregates come from difference arrays, the features from them by the same SQL;
+    each table is cut to ``columns``.
     """
     from rapport.features.grid import grid_tables
 
     unpacked = dataclasses.replace(spec, pack_counts=False)
-    columns = defs.feature_columns(spec)
     sql = defs.features_sql(unpacked, source="grid")
     with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
@@ -481,8 +482,7 @@ def _with_scores(table: pa.Table) -> pa.Table:
     as_of = table.column("as_of").to_numpy()
     bounds = np.flatnonzero(np.diff(as_of.astype("int64"))) + 1
     parts: dict[str, list[np.ndarray]] = {}
-    inputs = {c: table.column(c).to_numpy() for c in ("recency_days", "n_purchase_days")}
-    inputs["total_spend"] = table.column("total_spend").to_numpy()
+    inputs = {column: table.column(column).to_numpy() for _, column, _ in SCORED_FEATURES}
     for lo, hi in zip([0, *bounds], [*bounds, len(as_of)], strict=True):
         if hi == lo:  # no rows at all
             continue

@@ -60,11 +60,7 @@ class _Grid:
 
     def index(self, day: np.ndarray, shift: int = 0) -> np.ndarray:
         """First cutoff index on or after ``day + shift`` (``k`` when there is none)."""
-        lo = int(day.min()) + shift if len(day) else 0
-        hi = int(day.max()) + shift if len(day) else 0
-        # a lookup table over the days spanned: a gather instead of a binary search per row
-        lut = np.searchsorted(self.cutoff_days, np.arange(lo, hi + 1), side="left")
-        return lut[day.astype(np.int64) + (shift - lo)]
+        return _cutoff_index(self.cutoff_days, day, shift)
 
     def _split(self, full: np.ndarray, dtype: type) -> list[np.ndarray]:
         return [full[j][rows].astype(dtype, copy=False) for j, rows in enumerate(self.present)]
@@ -118,6 +114,20 @@ class _Grid:
         return self._split(np.maximum.accumulate(out.reshape(self.k, self.n), axis=0), np.int32)
 
 
+def _cutoff_index(cutoff_days: np.ndarray, day: np.ndarray, shift: int = 0) -> np.ndarray:
+    """First cutoff index on or after ``day + shift`` (``len(cutoff_days)`` when none)."""
+    lo = int(day.min()) + shift if len(day) else 0
+    hi = int(day.max()) + shift if len(day) else 0
+    # a lookup table over the days spanned: a gather instead of a binary search per row
+    lut = np.searchsorted(cutoff_days, np.arange(lo, hi + 1), side="left")
+    return lut[day.astype(np.int64) + (shift - lo)]
+
+
+def _rounded(values: list[np.ndarray]) -> list[np.ndarray]:
+    """Sums rounded to 1e-6, as the SQL rounds them."""
+    return [np.round(v, 6) for v in values]
+
+
 def _days(column: pa.ChunkedArray) -> np.ndarray:
     return column.cast(pa.int32()).to_numpy().astype(np.int32, copy=False)
 
@@ -158,7 +168,7 @@ def base_aggregates(
     id_type = marked.schema.field("customer_id").type
     ids, code = _codes(marked.column("customer_id"))
     day = _days(marked.column("day"))
-    k0 = np.searchsorted(cutoff_days, day, side="left")
+    k0 = _cutoff_index(cutoff_days, day)
     purchase = _flags(marked.column("is_purchase"))
     first_k = np.full(len(ids), k, dtype=np.int64)
     np.minimum.at(first_k, code[purchase], k0[purchase])
@@ -189,10 +199,10 @@ def base_aggregates(
         out[f"_purchases_two_{g}"] = grid.total(buys, window=2 * w)
         now = grid.total(tx, amount, window=w)
         two = grid.total(tx, amount, window=2 * w)
-        out[f"spend_{w}d"] = [np.round(a, 6) for a in now]
-        out[f"_spend_before_{w}d"] = [np.round(b - a, 6) for a, b in zip(now, two, strict=True)]
+        out[f"spend_{w}d"] = _rounded(now)
+        out[f"_spend_before_{w}d"] = _rounded([b - a for a, b in zip(now, two, strict=True)])
     for name in ("total_spend", "repeat_spend", "order_spend"):
-        out[name] = [np.round(a, 6) for a in out[name]]
+        out[name] = _rounded(out[name])
     if spec.interaction_pairs:
         out.update(_interaction_aggregates(con, spec, ids, id_type, grid))
     return ids, present, out
@@ -212,7 +222,6 @@ def _interaction_aggregates(
     grid: _Grid,
 ) -> dict[str, list[np.ndarray]]:
     coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
-    # interactions of customers who never bought are never features
     customer_id = coded.column("customer_id")
     if customer_id.type != id_type:
         # files typed differently (ids as text in one, numbers in the other): compare them as
@@ -225,7 +234,7 @@ def _interaction_aggregates(
                 f"{id_type}, and the values do not convert: {err}"
             ) from err
     code = ids.get_indexer(customer_id.to_pandas())
-    keep = code >= 0
+    keep = code >= 0  # interactions of customers who never bought are never features
     day = _days(coded.column("day"))[keep]
     rows = _Rows(code[keep], day, grid.index(day))
     pair = coded.column("pair_id").fill_null(-1).to_numpy().astype(np.int8)[keep]
@@ -268,7 +277,7 @@ def grid_tables(
     """
     ids, present, out = base_aggregates(con, spec, cutoffs)
     tx_cols, ix_cols = defs.aggregate_columns(spec)
-    days = set(tx_cols[:2]) | {c for c in ix_cols if c.startswith("_last_")}
+    days = {"first_day", "last_day"} | {c for c in ix_cols if c.startswith("_last_")}
     start = 0
     while start < len(cutoffs):
         stop, rows = start + 1, len(present[start])

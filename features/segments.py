@@ -153,10 +153,9 @@ def scores_against(rows: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
 def _segment_table() -> np.ndarray:
     """Segment code (position in :data:`SEGMENTS`) by ``[r_score, fm_score]`` (1-5 each)."""
     table = np.full((6, 6), -1, dtype=np.int8)
-    for name, rs, fms in SEGMENT_RULES:
-        for r in rs:
-            for fm in fms:
-                table[r, fm] = SEGMENTS.index(name)
+    for r in range(1, 6):
+        for fm in range(1, 6):
+            table[r, fm] = SEGMENTS.index(segment_of(r, fm))
     return table
 
 
