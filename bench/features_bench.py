@@ -10,7 +10,9 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 (``ru_maxrss``) is its own:
 
 - ``scan``: DuckDB reads the same columns of both Parquet files (a bare aggregate);
-- ``rapport``: ``build_features`` on the Parquet paths, one cutoff (DuckDB scans them directly);
+- ``rapport``: ``build_features`` on the Parquet paths, one cutoff (the default engine, the
+  grid: DuckDB reads the rows, numpy aggregates them, the feature SQL derives the features);
+- ``rapport_sql``: the same cutoff by the feature SQL alone (``cutoff_batch=1``);
 - ``plain``: a straightforward DuckDB query (``bench/plain_duckdb.py``: ``FILTER`` aggregates,
   ``COUNT(DISTINCT)``, a subset of the features), the issue's reference point;
 - ``rapport_12``: the same with 12 monthly cutoffs (a training set), computed by the grid
@@ -97,6 +99,8 @@ def _worker(kind: str, data: Path) -> dict[str, float]:
     elif kind in ("rapport", "rapport_12"):
         cutoffs = AS_OF if kind == "rapport" else CUTOFFS_12
         rows = len(build_features(tx_path, ix_path, as_of=cutoffs, validate=False))
+    elif kind == "rapport_sql":
+        rows = len(build_features(tx_path, ix_path, as_of=AS_OF, validate=False, cutoff_batch=1))
     elif kind == "rapport_12_sql":
         batch = 12 if _size(data) <= 1_000_000 else 1
         rows = len(
@@ -167,10 +171,11 @@ def main() -> None:
     }
     lines = [
         "| transactions | interactions | customers | scan s | rapport s (x scan) | "
-        "peak GB | plain DuckDB s (x rapport) | 12 cutoffs s (x 1) | 12 cutoffs peak GB "
+        "peak GB | by SQL s (x rapport) | plain DuckDB s (x rapport) | 12 cutoffs s (x 1) "
+        "| 12 cutoffs peak GB "
         "| 12 cutoffs by SQL s (x 1) | load+validate+features s | pandas s (x rapport) "
         "| pandas peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     import pyarrow.parquet as pq
 
@@ -178,7 +183,7 @@ def main() -> None:
         data = _world(size, args.seed)
         n_tx = pq.ParquetFile(data / "transactions.parquet").metadata.num_rows
         n_ix = pq.ParquetFile(data / "interactions.parquet").metadata.num_rows
-        kinds = ["scan", "rapport", "plain", "rapport_frames"]
+        kinds = ["scan", "rapport", "rapport_sql", "plain", "rapport_frames"]
         if size <= args.cutoffs12_max:
             kinds += ["rapport_12", "rapport_12_sql"]
         if size <= args.pandas_max:
@@ -196,6 +201,7 @@ def main() -> None:
             "sql_cutoffs12_over_1": sql12["seconds"] / rap["seconds"] if sql12 else None,
             "pandas_over_rapport": pandas["seconds"] / rap["seconds"] if pandas else None,
             "plain_over_rapport": res["plain"]["seconds"] / rap["seconds"],
+            "sql_over_rapport": res["rapport_sql"]["seconds"] / rap["seconds"],
         }
         report["sizes"][str(size)] = {  # type: ignore[index]
             "transactions": n_tx,
@@ -210,6 +216,7 @@ def main() -> None:
             f"{scan['seconds']:.2f}",
             f"{rap['seconds']:.2f} ({ratios['rapport_over_scan']:.1f}x)",
             f"{rap['peak_gb']:.2f}",
+            f"{res['rapport_sql']['seconds']:.2f} ({ratios['sql_over_rapport']:.2f}x)",
             f"{res['plain']['seconds']:.2f} ({ratios['plain_over_rapport']:.2f}x)",
             f"{rap12['seconds']:.1f} ({ratios['cutoffs12_over_1']:.1f}x)" if rap12 else "skipped",
             f"{rap12['peak_gb']:.2f}" if rap12 else "skipped",

@@ -314,10 +314,11 @@ def build_features(
         ``validate=False`` a Parquet path already in the contract is scanned by DuckDB
         directly, never materialised in pandas: the fast path for large trusted data.
     cutoff_batch
-        By default (``None``) several cutoffs are computed together from one pass over the
-        events (:mod:`rapport.features.grid`: every event is read once, whatever the number
-        of cutoffs, and the features derive from those aggregates by the same SQL). A number
-        runs the feature SQL instead, on that many cutoffs per query.
+        By default (``None``) every cutoff comes from one pass over the events
+        (:mod:`rapport.features.grid`: DuckDB reads the rows, numpy aggregates them, each
+        event once whatever the number of cutoffs, and the features derive from those
+        aggregates by the same SQL). A number runs the feature SQL alone instead, on that
+        many cutoffs per query.
     connection
         A DuckDB connection to use (from :func:`connect`); a private one by default.
 
@@ -419,7 +420,7 @@ def _feature_tables(
         validate=validate,
     )
     columns = defs.feature_columns(spec)
-    if len(cutoffs) > 1 and cutoff_batch is None:
+    if cutoff_batch is None:
         yield from _grid_feature_tables(tx, ix, spec, cutoffs, columns, connection)
         return
     size = cutoff_batch or 1

@@ -153,9 +153,9 @@ def features_build(
         int | None,
         typer.Option(
             min=1,
-            help="Run the feature SQL on this many cutoffs per query. By default several "
-            "cutoffs come from one pass over the events (the grid), written in batches of "
-            "about 4M rows.",
+            help="Run the feature SQL alone on this many cutoffs per query. By default "
+            "every cutoff comes from one pass over the events (the grid), written in "
+            "batches of about 4M rows.",
         ),
     ] = None,
 ) -> None:

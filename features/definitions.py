@@ -267,16 +267,9 @@ def _rows_sql() -> str:
     So they are computed once, on the raw rows, however many cutoffs there are: no roll-up to
     one row per customer and day, which cost as much as everything else together.
     """
-    return """
-    tx_rows AS (
-        SELECT
-            customer_id,
-            CAST(timestamp AS DATE) AS day,
-            amount,
-            amount >= 0 AS is_purchase
-        FROM tx
-        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
-    ),
+    return (
+        _tx_rows_sql()
+        + """,
     tx_seq AS (
         SELECT
             customer_id,
@@ -300,6 +293,29 @@ def _rows_sql() -> str:
             day > first_day AND (is_purchase OR prev_day = day) AS repeat_day
         FROM tx_seq
     )"""
+    )
+
+
+def _tx_rows_sql() -> str:
+    return """
+    tx_rows AS (
+        SELECT
+            customer_id,
+            CAST(timestamp AS DATE) AS day,
+            amount,
+            amount >= 0 AS is_purchase
+        FROM tx
+        WHERE CAST(timestamp AS DATE) <= (SELECT MAX(as_of) FROM cutoffs)
+    )"""
+
+
+def transaction_rows_sql() -> str:
+    """Transaction rows up to the last cutoff, unmarked: what the window pass reads.
+
+    Columns ``customer_id``, ``day``, ``amount``, ``is_purchase``; reads ``tx`` and ``cutoffs``.
+    :mod:`rapport.features.grid` marks them in numpy by the rule of :func:`_rows_sql`.
+    """
+    return f"WITH{_tx_rows_sql()} SELECT customer_id, day, amount, is_purchase FROM tx_rows"
 
 
 def marked_transactions_sql() -> str:

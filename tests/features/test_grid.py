@@ -7,13 +7,15 @@ import datetime as dt
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rapport.features import definitions as defs
-from rapport.features.build import build_features, iter_features
+from rapport.features.build import build_features, connect, iter_features
 from rapport.features.contracts import validate_table
+from rapport.features.grid import _Coder, mark_purchase_days
 from rapport.features.segments import _below_within
 from rapport.features.synthetic import SyntheticConfig, generate_synthetic
 
@@ -21,7 +23,7 @@ START = pd.Timestamp("2023-01-01")
 
 
 def _both(tx, ix, cutoffs, **kwargs):
-    """Features by the grid (the default for several cutoffs) and by the per-cutoff SQL."""
+    """Features by the grid (the default) and by the per-cutoff SQL."""
     grid = build_features(tx, ix, as_of=cutoffs, validate=False, **kwargs)
     sql = build_features(tx, ix, as_of=cutoffs, validate=False, cutoff_batch=1, **kwargs)
     return grid, sql
@@ -64,8 +66,9 @@ ix_events = st.lists(
     st.tuples(st.integers(0, 7), st.integers(0, 300), st.sampled_from(CHANNEL_EVENTS)),
     max_size=40,
 )
-# cutoffs a day apart, and further apart than every window (exits before entries)
-cutoff_days = st.lists(st.integers(0, 330), min_size=2, max_size=6, unique=True)
+# one cutoff (the one-cutoff path: bands of age), cutoffs a day apart, and further apart
+# than every window (exits before entries)
+cutoff_days = st.lists(st.integers(0, 330), min_size=1, max_size=6, unique=True)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,3 +184,81 @@ def test_parquet_files_with_differently_typed_ids_match_like_the_sql(tmp_path):
             as_of=["2024-02-29", "2024-03-31"],
             validate=False,
         )
+
+
+def _marks_per_day(frame: pd.DataFrame) -> pd.DataFrame:
+    """What the aggregates read of the marks, per (customer, day): which row of a day carries
+    ``new_day`` and ``gap`` is free, their sums are not."""
+    repeat = frame["repeat_day"].fillna(False).astype(bool)  # NULL in SQL before a purchase
+    frame = frame.assign(
+        new_day=frame["new_day"].astype(int),
+        repeat_day=repeat.astype(int),
+        repeat_spend=frame["amount"].where(repeat, 0.0),
+        gap=frame["gap"].fillna(0.0),
+    )
+    sums = frame.groupby(["customer_id", "day"])[["new_day", "repeat_day", "repeat_spend", "gap"]]
+    return sums.sum().sort_index()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=tx_events, seed=st.integers(0, 2**16))
+def test_numpy_marks_equal_the_sql_window_pass(rows, seed):
+    """The purchase-day marks, from shuffled rows, equal the SQL's ``tx_marked``."""
+    tx = pd.DataFrame(
+        {
+            "customer_id": [c for c, _, _ in rows],
+            "timestamp": [
+                START + pd.Timedelta(days=d, hours=h) for h, (_, d, _) in enumerate(rows)
+            ],
+            "amount": [a for _, _, a in rows],
+        }
+    ).sample(frac=1.0, random_state=seed)
+    with connect() as con:
+        con.register("tx", tx)
+        con.execute("CREATE TABLE cutoffs AS SELECT DATE '2030-01-01' AS as_of")
+        sql = con.execute(defs.marked_transactions_sql()).df()
+        raw = con.execute(defs.transaction_rows_sql()).to_arrow_table()
+    coder = _Coder(raw.column("customer_id"))
+    m = mark_purchase_days(
+        coder.codes,
+        raw.column("day").cast("int32").to_numpy(),
+        raw.column("amount").to_numpy(),
+        raw.column("is_purchase").to_numpy(zero_copy_only=False),
+    )
+    gap = np.full(len(m.code), np.nan)
+    gap[m.gap_rows] = m.gap_days
+    ours = pd.DataFrame(
+        {
+            "customer_id": coder.ids.take(m.code),
+            "day": pd.to_datetime(m.day, unit="D"),
+            "amount": m.amount,
+            "new_day": m.new_day,
+            "repeat_day": m.repeat_day,
+            "gap": gap,
+        }
+    )
+    sql["day"] = pd.to_datetime(sql["day"])
+    expected = _marks_per_day(sql)
+    pd.testing.assert_frame_equal(_marks_per_day(ours), expected, check_dtype=False)
+    # rows come out grouped by customer and day, a day's purchases before its refunds
+    key = np.lexsort((m.amount < 0, m.day, m.code))
+    np.testing.assert_array_equal(key, np.arange(len(key)))
+
+
+@pytest.mark.parametrize(
+    "ids",
+    [
+        [7, 3, 7, 12, 3],  # small integers: the lookup table
+        [10**15, 3, 10**15, 2**40],  # spread out: hashed
+        ["b", "a", "b", "c"],  # text: hashed
+    ],
+)
+def test_customer_codes_follow_id_order_and_mark_unknown_ids(ids):
+    coder = _Coder(pa.chunked_array([pa.array(ids)]))
+    assert list(coder.ids) == sorted(set(ids))
+    assert list(coder.ids.take(coder.codes)) == ids
+    others = pa.chunked_array([pa.array([ids[1], ids[3]])])
+    assert list(coder.code_of(others)) == [coder.ids.get_loc(ids[1]), coder.ids.get_loc(ids[3])]
+    if isinstance(ids[0], int):
+        unknown = pa.chunked_array([pa.array([-5, 5, 11, 2**41], type=pa.int64())])
+        assert list(coder.code_of(unknown)) == [-1, -1, -1, -1]
