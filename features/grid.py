@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import duckdb
 import numpy as np
@@ -38,19 +39,26 @@ from rapport.features import definitions as defs
 
 _EPOCH = dt.date(1970, 1, 1)
 _NO_DAY = np.iinfo(np.int32).min
+_NO_PURCHASE = np.iinfo(np.int32).max
 
 
 @dataclasses.dataclass
 class _Rows:
-    """Event rows as arrays: dense customer code, day (days since 1970), first cutoff index."""
+    """Event rows as arrays: dense customer code, day (days since 1970) and a slot.
+
+    With several cutoffs the slot is the first cutoff index on or after the day; with one, the
+    row's band of age among ``lengths`` (see :meth:`_Grid.windowed`). Made by
+    :meth:`_Grid.rows`.
+    """
 
     code: np.ndarray
     day: np.ndarray
-    k0: np.ndarray
+    slot: np.ndarray
+    lengths: tuple[int, ...]
 
     def subset(self, rows: np.ndarray | slice) -> _Rows:
         """The rows a mask, an index array or a slice (a view, no copy) picks."""
-        return _Rows(self.code[rows], self.day[rows], self.k0[rows])
+        return _Rows(self.code[rows], self.day[rows], self.slot[rows], self.lengths)
 
 
 class _Grid:
@@ -68,6 +76,17 @@ class _Grid:
     def index(self, day: np.ndarray, shift: int = 0) -> np.ndarray:
         """First cutoff index on or after ``day + shift`` (``k`` when there is none)."""
         return _cutoff_index(self.cutoff_days, day, shift)
+
+    def rows(self, code: np.ndarray, day: np.ndarray, windows: Sequence[int]) -> _Rows:
+        """Rows to aggregate, over ``windows`` (every window :meth:`windowed` will ask for)."""
+        lengths = tuple(sorted(set(windows)))
+        if self.k > 1:
+            return _Rows(code, day, self.index(day), lengths)
+        # band b holds ages in [lengths[b - 1], lengths[b]): a row is in window lengths[i]
+        # (age < lengths[i]) exactly when its band is at most i; the last band is older
+        age = int(self.cutoff_days[0]) - day
+        band = _cutoff_index(np.array(lengths), age, 1).astype(np.int8)
+        return _Rows(code, day, band, lengths)
 
     def _split(self, full: np.ndarray, dtype: type) -> list[np.ndarray]:
         return [full[j][rows].astype(dtype, copy=False) for j, rows in enumerate(self.present)]
@@ -106,7 +125,7 @@ class _Grid:
             # every row is on or before the one cutoff: a plain sum per customer
             sums = np.bincount(rows.code, weights=weights, minlength=self.n)[self.present[0]]
             return [sums.astype(np.float64 if weights is not None else self._count_type(rows))]
-        delta = self._bins(rows, rows.k0, weights)
+        delta = self._bins(rows, rows.slot, weights)
         if window is not None:
             # day + window > day, so the exit is never before the entry; at the entry itself
             # (cutoffs further apart than the window) it cancels it
@@ -121,27 +140,24 @@ class _Grid:
         With one cutoff, every row is placed once in a band of age (days before the cutoff)
         between consecutive window lengths, so one ``np.bincount`` over (customer, band) and a
         running sum over the bands give every window; with several, each window is its own
-        difference array.
+        difference array. ``windows`` must be among those the rows were made for.
         """
-        lengths = sorted(set(windows))
         if self.k > 1:
-            return {w: self.total(rows, weights, window=w) for w in lengths}
-        # band b holds ages in [lengths[b - 1], lengths[b]): a row is in window lengths[i]
-        # (age < lengths[i]) exactly when its band is at most i; the last band is older
-        n_bands = len(lengths) + 1
-        band = _cutoff_index(np.array(lengths), int(self.cutoff_days[0]) - rows.day, 1)
+            return {w: self.total(rows, weights, window=w) for w in sorted(set(windows))}
+        lengths, n_bands = rows.lengths, len(rows.lengths) + 1
         counts = np.bincount(
-            rows.code * n_bands + band, weights=weights, minlength=self.n * n_bands
+            rows.code * n_bands + rows.slot, weights=weights, minlength=self.n * n_bands
         )
         bands = counts.reshape(self.n, n_bands)
         dtype = np.float64 if weights is not None else self._count_type(rows)
         # a running sum column by column: numpy's cumsum along a short axis is 5x slower
         acc = bands[:, 0].copy()
         out = {}
-        for i, w in enumerate(lengths):
+        for i, w in enumerate(lengths[: 1 + max(lengths.index(w) for w in windows)]):
             if i:
                 acc += bands[:, i]
-            out[w] = [acc[self.present[0]].astype(dtype)]
+            if w in windows:
+                out[w] = [acc[self.present[0]].astype(dtype)]
         return out
 
     @staticmethod
@@ -154,7 +170,7 @@ class _Grid:
     def latest(self, rows: _Rows) -> list[np.ndarray]:
         """Per cutoff, the latest day it sees (``_NO_DAY`` where none), int32."""
         out = np.full(self.k * self.n, _NO_DAY, dtype=np.int32)
-        np.maximum.at(out, rows.k0 * self.n + rows.code, rows.day)
+        np.maximum.at(out, rows.slot * self.n + rows.code if self.k > 1 else rows.code, rows.day)
         return self._split(np.maximum.accumulate(out.reshape(self.k, self.n), axis=0), np.int32)
 
 
@@ -206,9 +222,26 @@ def base_aggregates(
         array per cutoff, aligned with those codes (days as days since 1970, ``_NO_DAY`` for
         none).
     """
+    raw = con.execute(defs.transaction_rows_sql()).to_arrow_table()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        # DuckDB codes the interaction rows (it releases the GIL) while numpy works through
+        # the transactions; the connection runs one query at a time, the first one is done
+        coded = (
+            pool.submit(lambda: con.execute(defs.coded_interactions_sql(spec)).to_arrow_table())
+            if spec.interaction_pairs
+            else None
+        )
+        coder, present, out, grid = _transaction_aggregates(raw, spec, cutoffs)
+        if coded is not None:
+            out.update(_interaction_aggregates(coded.result(), spec, coder, grid))
+    return coder.ids, present, out
+
+
+def _transaction_aggregates(
+    raw: pa.Table, spec: defs.FeatureSpec, cutoffs: Sequence[dt.date]
+) -> tuple[_Coder, list[np.ndarray], dict[str, list[np.ndarray]], _Grid]:
     k = len(cutoffs)
     cutoff_days = np.array([(c - _EPOCH).days for c in cutoffs], dtype=np.int64)
-    raw = con.execute(defs.transaction_rows_sql()).to_arrow_table()
     coder = _Coder(raw.column("customer_id"))
     m = mark_purchase_days(
         coder.codes,
@@ -218,17 +251,17 @@ def base_aggregates(
     )
     del raw
     n = len(coder.ids)
-    tx = _Rows(m.code, m.day, _cutoff_index(cutoff_days, m.day))
+    # a customer has a feature row from the first cutoff on or after their first purchase
+    bought = np.flatnonzero(m.first_day < _NO_PURCHASE)
     first_k = np.full(n, k, dtype=np.int64)
-    np.minimum.at(first_k, tx.code[m.is_purchase], tx.k0[m.is_purchase])
+    first_k[bought] = _cutoff_index(cutoff_days, m.first_day[bought])
     present = [np.flatnonzero(first_k <= j) for j in range(k)]
     grid = _Grid(n, cutoff_days, present)
+    spans = [*spec.windows, *(2 * w for w in spec.windows)]
+    tx = grid.rows(m.code, m.day, spans)
     buys, spent = tx.subset(m.is_purchase), m.amount[m.is_purchase]
-
-    first_day = np.full(n, np.iinfo(np.int32).max, dtype=np.int32)
-    np.minimum.at(first_day, buys.code, buys.day)
     out: dict[str, list[np.ndarray]] = {
-        "first_day": [first_day[rows] for rows in present],
+        "first_day": [m.first_day[rows] for rows in present],
         "last_day": grid.latest(buys),
         "_counts": grid.total(tx.subset(m.new_day)),
         "_purchase_rows": grid.total(buys),
@@ -238,7 +271,6 @@ def base_aggregates(
         "order_spend_sq": grid.total(buys, spent * spent),
         "gap_sq": grid.total(tx.subset(m.gap_rows), m.gap_days * m.gap_days),
     }
-    spans = [*spec.windows, *(2 * w for w in spec.windows)]
     purchases = grid.windowed(buys, None, spans)
     spend = grid.windowed(tx, m.amount, spans)
     del m, tx, buys, spent
@@ -250,9 +282,7 @@ def base_aggregates(
         out[f"_spend_before_{w}d"] = _rounded([b - a for a, b in zip(now, two, strict=True)])
     for name in ("total_spend", "repeat_spend", "order_spend"):
         out[name] = _rounded(out[name])
-    if spec.interaction_pairs:
-        out.update(_interaction_aggregates(con, spec, coder, grid))
-    return coder.ids, present, out
+    return coder, present, out, grid
 
 
 @dataclasses.dataclass
@@ -262,7 +292,8 @@ class MarkedRows:
     ``new_day`` flags one purchase row of each purchase day, ``repeat_day`` the rows of
     purchase days after the first (refunds on such days included), and ``gap_days`` holds the
     days since the previous purchase day for the rows ``gap_rows`` (one per purchase day after
-    a customer's first): the SQL's ``gap``, without the rows where it is NULL.
+    a customer's first): the SQL's ``gap``, without the rows where it is NULL. ``first_day``
+    is indexed by customer code: the first purchase day, ``_NO_PURCHASE`` for none.
     """
 
     code: np.ndarray
@@ -273,6 +304,7 @@ class MarkedRows:
     gap_rows: np.ndarray
     gap_days: np.ndarray
     repeat_day: np.ndarray
+    first_day: np.ndarray
 
 
 def mark_purchase_days(
@@ -322,7 +354,7 @@ def mark_purchase_days(
     # the customer's first purchase day, for every row of the customer
     first_buy = np.ones(len(buy), dtype=bool)
     first_buy[1:] = ~same_customer
-    first_day = np.full(int(code.max()) + 1 if n else 0, np.iinfo(np.int32).max, dtype=np.int32)
+    first_day = np.full(int(code.max()) + 1 if n else 0, _NO_PURCHASE, dtype=np.int32)
     first_day[buy_code[first_buy]] = buy_day[first_buy]
     repeat_day = (day > first_day[code]) & is_purchase
     # a refund counts as a repeat-day row when a purchase shares its day: that purchase's key
@@ -333,7 +365,9 @@ def mark_purchase_days(
         first = np.minimum(np.searchsorted(key, purchase_key), n - 1)
         shared = key[first] == purchase_key
         repeat_day[refund] = shared & (day[refund] > first_day[code[refund]])
-    return MarkedRows(code, day, amount, is_purchase, new_day, gap_rows, gap_days, repeat_day)
+    return MarkedRows(
+        code, day, amount, is_purchase, new_day, gap_rows, gap_days, repeat_day, first_day
+    )
 
 
 class _Coder:
@@ -381,12 +415,8 @@ class _Coder:
 
 
 def _interaction_aggregates(
-    con: duckdb.DuckDBPyConnection,
-    spec: defs.FeatureSpec,
-    coder: _Coder,
-    grid: _Grid,
+    coded: pa.Table, spec: defs.FeatureSpec, coder: _Coder, grid: _Grid
 ) -> dict[str, list[np.ndarray]]:
-    coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     code = coder.code_of(coded.column("customer_id"))
     keep = np.flatnonzero(code >= 0)  # interactions of customers who never bought never count
     n_pairs, n_channels = len(spec.interaction_pairs), len(spec.channels)
@@ -403,7 +433,7 @@ def _interaction_aggregates(
     day = _days(coded.column("day"))[order]
     response = _flags(coded.column("is_response"))[order]
     complaint = _flags(coded.column("is_complaint"))[order]
-    rows = _Rows(code[order], day, grid.index(day))
+    rows = grid.rows(code[order], day, spec.windows)
     del coded, code, keep, order, pair, channel
 
     def rows_of(first: int, last: int) -> slice:
