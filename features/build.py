@@ -335,6 +335,13 @@ def build_features(
     return _typed(_stack(tables))
 
 
+def _copy_on_write() -> bool:
+    """Whether pandas copies before writing into shared (or read-only) arrays."""
+    if int(pd.__version__.split(".")[0]) >= 3:
+        return True
+    return pd.options.mode.copy_on_write is True
+
+
 def _stack(tables: list[pa.Table]) -> pd.DataFrame:
     """One frame from feature batches, each value copied once, each column freed once copied.
 
@@ -349,11 +356,15 @@ def _stack(tables: list[pa.Table]) -> pd.DataFrame:
         tables[:] = [t.drop_columns([field.name]) for t in tables]
         column = pa.chunked_array(chunks, type=field.type).to_pandas()
         del chunks
-        values = column.to_numpy(copy=False) if column.dtype.kind in "biufmM" else None
-        # one chunk without nulls converts without a copy, read-only: pandas would refuse to
-        # write into it
-        writeable = values is None or values.flags.writeable
-        out[field.name] = column if writeable else values.copy()
+        # one chunk without nulls converts without a copy, read-only: pandas without
+        # copy-on-write (before 3, by default) would refuse to write into it
+        if (
+            not _copy_on_write()
+            and column.dtype.kind in "biufmM"
+            and not column.to_numpy(copy=False).flags.writeable
+        ):
+            column = column.copy(deep=True)
+        out[field.name] = column
         del column
     tables.clear()
     return out
