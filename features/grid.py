@@ -334,7 +334,8 @@ def mark_purchase_days(
     key |= (day.astype(np.int64) - (int(day.min()) if len(day) else 0)) << 1
     key |= ~is_purchase
     if len(key) > 1 and not bool((key[1:] >= key[:-1]).all()):
-        # timsort: as fast as quicksort on shuffled rows, 20-40x faster on nearly sorted ones
+        # timsort: as fast as quicksort on shuffled rows (0.90 s against 0.95 s for 7M keys),
+        # 12-25x faster on sorted or nearly sorted ones
         order = np.argsort(key, kind="stable")
         key, code, day = key[order], code[order], day[order]
         amount, is_purchase = amount[order], is_purchase[order]
@@ -383,21 +384,28 @@ class _Coder:
         values = customer_id.to_numpy() if pa.types.is_integer(self.type) else None
         if values is not None and len(values) and customer_id.null_count == 0:
             lo, hi = int(values.min()), int(values.max())
-            if hi - lo < 4 * len(values) + 1024:
+            # offsets in int64 (ids of a narrow type would overflow their own); unsigned ids
+            # past int64 are hashed
+            if hi - lo < 4 * len(values) + 1024 and hi < 2**63:
+                offset = values.astype(np.int64) - lo
                 seen = np.zeros(hi - lo + 1, dtype=bool)
-                seen[values - lo] = True
+                seen[offset] = True
                 table = np.cumsum(seen, dtype=np.int64) - 1
                 table[~seen] = -1
                 self._lo, self._table = lo, table
                 self.ids = pd.Index((np.flatnonzero(seen) + lo).astype(values.dtype))
-                self.codes = table[values - lo]
+                self.codes = table[offset]
                 return
         codes, uniques = pd.factorize(customer_id.to_pandas(), sort=True)
         self.ids, self.codes = pd.Index(uniques), codes.astype(np.int64, copy=False)
 
     def code_of(self, customer_id: pa.ChunkedArray) -> np.ndarray:
-        """Codes of other ids (-1 for ids never seen), compared as this coder's id type."""
-        if customer_id.type != self.type:
+        """Codes of other ids (-1 for ids never seen), compared as this coder's id type.
+
+        Integers of another width are compared as integers, as SQL compares them.
+        """
+        both_integers = pa.types.is_integer(customer_id.type) and pa.types.is_integer(self.type)
+        if customer_id.type != self.type and not both_integers:
             # files typed differently (ids as text in one, numbers in the other): compare them
             # as the transactions' type, as the SQL's join would, rather than match nothing
             try:
@@ -407,9 +415,10 @@ class _Coder:
                     f"interactions: customer_id is {customer_id.type} but transactions have "
                     f"{self.type}, and the values do not convert: {err}"
                 ) from err
-        if self._table is None or customer_id.null_count:
+        values = customer_id.to_numpy(zero_copy_only=False)
+        if self._table is None or customer_id.null_count or values.dtype == np.uint64:
             return np.asarray(self.ids.get_indexer(customer_id.to_pandas()), dtype=np.int64)
-        offset = customer_id.to_numpy().astype(np.int64) - self._lo
+        offset = values.astype(np.int64) - self._lo
         inside = (offset >= 0) & (offset < len(self._table))
         return np.where(inside, self._table[np.where(inside, offset, 0)], -1)
 

@@ -249,12 +249,14 @@ def test_numpy_marks_equal_the_sql_window_pass(rows, seed):
     "ids",
     [
         [7, 3, 7, 12, 3],  # small integers: the lookup table
+        pa.array([-100, 100, 6, -100], type=pa.int8()),  # offsets past int8's range
         [10**15, 3, 10**15, 2**40],  # spread out: hashed
         ["b", "a", "b", "c"],  # text: hashed
     ],
 )
 def test_customer_codes_follow_id_order_and_mark_unknown_ids(ids):
     coder = _Coder(pa.chunked_array([pa.array(ids)]))
+    ids = ids.to_pylist() if isinstance(ids, pa.Array) else ids
     assert list(coder.ids) == sorted(set(ids))
     assert list(coder.ids.take(coder.codes)) == ids
     others = pa.chunked_array([pa.array([ids[1], ids[3]])])
@@ -262,3 +264,27 @@ def test_customer_codes_follow_id_order_and_mark_unknown_ids(ids):
     if isinstance(ids[0], int):
         unknown = pa.chunked_array([pa.array([-5, 5, 11, 2**41], type=pa.int64())])
         assert list(coder.code_of(unknown)) == [-1, -1, -1, -1]
+
+
+def test_integer_ids_of_other_widths_compare_as_integers(tmp_path):
+    """int32 transaction ids against int64 interaction ids beyond int32: no error, as in SQL."""
+    tx = pd.DataFrame(
+        {
+            "customer_id": np.array([1, 1, 2], dtype="int32"),
+            "timestamp": pd.to_datetime(["2024-01-01", "2024-02-01", "2024-01-15"]),
+            "amount": [10.0, 20.0, 5.0],
+        }
+    )
+    ix = pd.DataFrame(
+        {
+            "customer_id": np.array([1, 2, 2**40], dtype="int64"),
+            "timestamp": pd.to_datetime(["2024-01-05", "2024-01-20", "2024-01-21"]),
+            "channel": ["web"] * 3,
+            "event": ["visit"] * 3,
+        }
+    )
+    tx.to_parquet(tmp_path / "tx.parquet")
+    ix.to_parquet(tmp_path / "ix.parquet")
+    grid, sql = _both(tmp_path / "tx.parquet", tmp_path / "ix.parquet", ["2024-02-29"])
+    assert grid["web_visits_365d"].tolist() == [1, 1]
+    pd.testing.assert_frame_equal(grid, sql)
