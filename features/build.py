@@ -335,13 +335,6 @@ def build_features(
     return _typed(_stack(tables))
 
 
-def _copy_on_write() -> bool:
-    """Whether pandas copies before writing into shared (or read-only) arrays."""
-    if int(pd.__version__.split(".")[0]) >= 3:
-        return True
-    return pd.options.mode.copy_on_write is True
-
-
 def _stack(tables: list[pa.Table]) -> pd.DataFrame:
     """One frame from feature batches, each value copied once, each column freed once copied.
 
@@ -354,17 +347,16 @@ def _stack(tables: list[pa.Table]) -> pd.DataFrame:
     for field in tables[0].schema:
         chunks = [chunk for t in tables for chunk in t.column(field.name).chunks]
         tables[:] = [t.drop_columns([field.name]) for t in tables]
-        column = pa.chunked_array(chunks, type=field.type).to_pandas()
+        column = pa.chunked_array(chunks, type=field.type)
         del chunks
-        # one chunk without nulls converts without a copy, read-only: pandas without
-        # copy-on-write (before 3, by default) would refuse to write into it
-        if (
-            not _copy_on_write()
-            and column.dtype.kind in "biufmM"
-            and not column.to_numpy(copy=False).flags.writeable
-        ):
-            column = column.copy(deep=True)
-        out[field.name] = column
+        kind = field.type
+        if pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_timestamp(kind):
+            values = column.to_numpy()  # nulls become NaN, as to_pandas makes them
+            # one chunk without nulls converts without a copy, read-only: pandas would refuse
+            # to write into it, copy-on-write or not
+            out[field.name] = values if values.flags.writeable else values.copy()
+        else:
+            out[field.name] = column.to_pandas()
         del column
     tables.clear()
     return out

@@ -288,3 +288,16 @@ def test_integer_ids_of_other_widths_compare_as_integers(tmp_path):
     grid, sql = _both(tmp_path / "tx.parquet", tmp_path / "ix.parquet", ["2024-02-29"])
     assert grid["web_visits_365d"].tolist() == [1, 1]
     pd.testing.assert_frame_equal(grid, sql)
+
+
+@pytest.mark.parametrize("cutoff_batch", [None, 1])
+def test_several_cutoffs_give_a_frame_that_takes_writes(tiny_tx, tiny_ix, cutoff_batch):
+    """Batches are stacked into plain writeable columns, even where one batch is empty and a
+    column comes from a single Arrow chunk that could have been taken over read-only."""
+    cutoffs = ["2020-01-31", "2024-02-29"]  # nobody has bought by the first
+    frame = build_features(tiny_tx, tiny_ix, as_of=cutoffs, cutoff_batch=cutoff_batch)
+    assert frame["as_of"].nunique() == 1
+    frame.loc[0, "recency_days"] = -1
+    frame.loc[1, "total_spend"] = 3.5
+    frame.loc[0, "as_of"] = pd.Timestamp("2000-01-01")
+    assert frame.loc[0, "recency_days"] == -1 and frame.loc[1, "total_spend"] == 3.5
