@@ -442,7 +442,7 @@ def _grid_feature_tables(
     columns: list[str],
     connection: duckdb.DuckDBPyConnection | None,
 ) -> Iterator[pa.Table]:
-    """Several cutoffs from one pass over the events (:mod:`rapport.features.grid`).
+    """Every cutoff from one pass over the events (:mod:`rapport.features.grid`).
 
     The base aggregates come from difference arrays, the features from them by the same SQL;
     each table is cut to ``columns``.

@@ -21,10 +21,12 @@ each aggregate costs time per input row, so there are as few as possible: counts
 windows share one BIGINT (:func:`_window_groups`), interaction rows are coded to small
 integers once, and the R and F scores rank a histogram of their values instead of sorting
 every customer. The window marks do not depend on the cutoff, so several cutoffs in one query
-share them and the scan. For many cutoffs (training sets) :mod:`rapport.features.grid`
-computes the base aggregates (:func:`aggregate_columns`) from these same marks by difference
-arrays, reading each event once, and ``features_sql(spec, source="grid")`` derives the
-features from them with the very expressions below.
+share them and the scan. This SQL alone is what a distributed engine runs
+(:mod:`rapport.features.spark`). On one machine, :mod:`rapport.features.grid`, the default,
+computes the base aggregates (:func:`aggregate_columns`) in numpy over the rows these queries
+select, by the same marks (recomputed there, tested equal), for one cutoff or many, reading
+each event once; ``features_sql(spec, source="grid")`` then derives the features from them with
+the very expressions below.
 
 Definitions (``d`` is a day, ``c`` the cutoff date, a "purchase" a transaction row with
 ``amount >= 0``; refunds are negative rows: they count in spend but never as purchases):
@@ -658,7 +660,7 @@ def aggregate_columns(spec: FeatureSpec) -> tuple[list[str], list[str]]:
 
     Keys aside, for a spec that does not pack counts (one window per integer).
 
-    :mod:`rapport.features.grid` computes exactly these for many cutoffs at once;
+    :mod:`rapport.features.grid` computes exactly these, for one cutoff or many at once;
     ``features_sql(spec, source="grid")`` derives the features from them.
     """
     if spec.pack_counts:

@@ -1,4 +1,4 @@
-"""Many cutoffs at once: the base aggregates of every (customer, cutoff) by difference arrays.
+"""The default engine: base aggregates of every (customer, cutoff), one pass over the events.
 
 The feature SQL (:mod:`rapport.features.definitions`) joins every event with every cutoff on
 or after it and aggregates, so a training set of K cutoffs costs about K one-cutoff queries.
