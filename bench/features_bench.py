@@ -13,6 +13,9 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 - ``rapport``: ``build_features`` on the Parquet paths, one cutoff (the default engine, the
   grid: DuckDB reads the rows, numpy aggregates them, the feature SQL derives the features);
 - ``rapport_sql``: the same cutoff by the feature SQL alone (``cutoff_batch=1``);
+- ``rapport_shuffled`` and ``rapport_sql_shuffled``: both on a copy of the world with its rows
+  in random order (the generator writes them grouped by customer and time, which spares the
+  default engine its sort and helps its memory access);
 - ``plain``: a straightforward DuckDB query (``bench/plain_duckdb.py``: ``FILTER`` aggregates,
   ``COUNT(DISTINCT)``, a subset of the features), the issue's reference point;
 - ``rapport_12``: the same with 12 monthly cutoffs (a training set), computed by the grid
@@ -70,6 +73,23 @@ def _world(n_transactions: int, seed: int) -> Path:
     return out
 
 
+def _shuffled(data: Path) -> Path:
+    """A copy of a world with its rows in a random (hash) order, written once."""
+    import duckdb
+
+    out = data / "shuffled"
+    if not (out / "interactions.parquet").exists():
+        out.mkdir(exist_ok=True)
+        con = duckdb.connect()
+        for name in ("transactions", "interactions"):
+            con.execute(
+                f"COPY (SELECT * FROM read_parquet('{data / name}.parquet') "
+                "ORDER BY hash(customer_id, timestamp)) "
+                f"TO '{out / name}.parquet' (FORMAT parquet)"
+            )
+    return out
+
+
 def _worker(kind: str, data: Path) -> dict[str, float]:
     """Run one measurement in this process; return wall seconds, peak RSS and row count."""
     import duckdb
@@ -83,6 +103,8 @@ def _worker(kind: str, data: Path) -> dict[str, float]:
     from plain_duckdb import plain_features
 
     # Imports happen before the clock starts: every contender is timed on its work alone.
+    if kind.endswith("_shuffled"):
+        data, kind = data / "shuffled", kind.removesuffix("_shuffled")
     tx_path, ix_path = data / "transactions.parquet", data / "interactions.parquet"
     start = time.perf_counter()
     rows = 0
@@ -172,10 +194,10 @@ def main() -> None:
     lines = [
         "| transactions | interactions | customers | scan s | rapport s (x scan) | "
         "peak GB | by SQL s (x rapport) | plain DuckDB s (x rapport) | 12 cutoffs s (x 1) "
-        "| 12 cutoffs peak GB "
+        "| 12 cutoffs peak GB | rows shuffled: rapport s, by SQL s "
         "| 12 cutoffs by SQL s (x 1) | load+validate+features s | pandas s (x rapport) "
         "| pandas peak GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     import pyarrow.parquet as pq
 
@@ -183,7 +205,9 @@ def main() -> None:
         data = _world(size, args.seed)
         n_tx = pq.ParquetFile(data / "transactions.parquet").metadata.num_rows
         n_ix = pq.ParquetFile(data / "interactions.parquet").metadata.num_rows
+        _shuffled(data)
         kinds = ["scan", "rapport", "rapport_sql", "plain", "rapport_frames"]
+        kinds += ["rapport_shuffled", "rapport_sql_shuffled"]
         if size <= args.cutoffs12_max:
             kinds += ["rapport_12", "rapport_12_sql"]
         if size <= args.pandas_max:
@@ -220,6 +244,8 @@ def main() -> None:
             f"{res['plain']['seconds']:.2f} ({ratios['plain_over_rapport']:.2f}x)",
             f"{rap12['seconds']:.1f} ({ratios['cutoffs12_over_1']:.1f}x)" if rap12 else "skipped",
             f"{rap12['peak_gb']:.2f}" if rap12 else "skipped",
+            f"{res['rapport_shuffled']['seconds']:.2f}, "
+            f"{res['rapport_sql_shuffled']['seconds']:.2f}",
             f"{sql12['seconds']:.1f} ({ratios['sql_cutoffs12_over_1']:.1f}x)"
             if sql12
             else "skipped",
