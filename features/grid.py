@@ -106,11 +106,13 @@ class _Grid:
         cumsum (1.5M customers x 12 cutoffs), and never a second full-size array.
         """
         columns = delta.reshape(self.n, self.k + 1)
-        acc = columns[:, 0].copy()
-        out = [acc[self.present[0]].astype(dtype, copy=False)]
+        # accumulated in the output type (running counts fit it, see _count_type), so each
+        # cutoff's values are gathered once rather than gathered and then narrowed
+        acc = columns[:, 0].astype(dtype)
+        out = [acc[self.present[0]]]
         for j in range(1, self.k):
             acc += columns[:, j]
-            out.append(acc[self.present[j]].astype(dtype, copy=False))
+            out.append(acc[self.present[j]])
         return out
 
     def total(
