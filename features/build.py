@@ -415,7 +415,7 @@ def _feature_tables(
     if cutoff_batch is None:
         yield from _grid_feature_tables(tx, ix, spec, cutoffs, columns, connection)
         return
-    size = cutoff_batch or 1
+    size = cutoff_batch
     done = 0
     while done < len(cutoffs):
         batch = cutoffs[done : done + size]

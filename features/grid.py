@@ -108,7 +108,7 @@ class _Grid:
         columns = delta.reshape(self.n, self.k + 1)
         # accumulated in the output type (running counts fit it, see _count_type), so each
         # cutoff's values are gathered once rather than gathered and then narrowed
-        acc = columns[:, 0].astype(dtype)
+        acc: np.ndarray = columns[:, 0].astype(dtype)
         out = [acc[self.present[0]]]
         for j in range(1, self.k):
             acc += columns[:, j]
