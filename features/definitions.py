@@ -509,8 +509,8 @@ def _interaction_sql(spec: FeatureSpec) -> str:
     # flags packed into one integer per group of windows, then every output is a conditional
     # sum or max of those codes: one pass, no intermediate table per (channel, event) to
     # build and pivot.
-    pair_id = {pair: k for k, pair in enumerate(spec.interaction_pairs)}
-    channel_id = {ch: k for k, ch in enumerate(spec.channels)}
+    # the rows carry pair and channel as their positions in the spec (see _ix_rows_sql)
+    n_pairs, n_channels = len(spec.interaction_pairs), len(spec.channels)
     groups = _window_groups(spec)
     flags = ",\n            ".join(
         "{} AS w_{}".format(
@@ -521,12 +521,12 @@ def _interaction_sql(spec: FeatureSpec) -> str:
     # the longest window's flag alone, for the per-channel response counts
     longest = f"CASE WHEN i.day > c.as_of - {spec.longest} THEN 1 ELSE 0 END"
     aggs = []
-    for k in pair_id.values():
+    for k in range(n_pairs):
         for g in range(len(groups)):
             aggs.append(
                 f"CAST(SUM(CASE WHEN p.pair_id = {k} THEN p.w_{g} END) AS BIGINT) AS _pair_{k}_{g}"
             )
-    for k in channel_id.values():
+    for k in range(n_channels):
         aggs.append(f"MAX(CASE WHEN p.channel_id = {k} THEN p.day END) AS _last_channel_{k}")
     for kind in ("response", "complaint"):
         flag = f"p.is_{kind}"
@@ -538,7 +538,7 @@ def _interaction_sql(spec: FeatureSpec) -> str:
     # responses per channel in the longest window, packed side by side: each is at most the
     # customer's responses in that window, which the packed counts above already bound
     for g, chans in enumerate(
-        _chunks(list(range(len(channel_id))), _PACK_WIDTH if spec.pack_counts else 1)
+        _chunks(list(range(n_channels)), _PACK_WIDTH if spec.pack_counts else 1)
     ):
         terms = [
             f"CASE WHEN p.channel_id = {k} AND p.is_response THEN p.w_last ELSE 0 END"
