@@ -509,7 +509,10 @@ def grid_tables(
         }
         for name in tx_cols + ix_cols:
             values = np.concatenate(out[name][start:stop])
-            out[name][start:stop] = [np.empty(0)] * (stop - start)
+            # a new list, not a slice assignment: columns may share one list (a window twice
+            # another is both a window and a trend's doubled span), and emptying it in place
+            # would empty the other column before its turn
+            out[name] = [*out[name][:start], *[np.empty(0)] * (stop - start), *out[name][stop:]]
             if name in days:
                 columns[name] = pa.array(values, mask=values == _NO_DAY).cast(pa.date32())
             elif values.dtype == np.int32:
