@@ -483,15 +483,17 @@ def grid_tables(
     cutoffs: Sequence[dt.date],
     *,
     batch_rows: int,
-) -> Iterator[pa.Table]:
+) -> Iterator[tuple[pa.Table, int]]:
     """Base-aggregate tables for batches of cutoffs, each within about ``batch_rows`` rows.
 
     Each table has ``customer_id``, ``as_of`` (date) and the columns of
     :func:`~rapport.features.definitions.aggregate_columns`, one row per customer who has
     bought by the cutoff, ordered by ``as_of`` then ``customer_id``: the ``grid`` relation
-    of ``features_sql(spec, source="grid")``. A batch's arrays are freed once it is out.
+    of ``features_sql(spec, source="grid")``; each comes with the rows of all tables together.
+    A batch's arrays are freed once it is out: the table holds the only references to them.
     """
     ids, present, out = base_aggregates(con, spec, cutoffs)
+    total_rows = sum(len(p) for p in present)
     tx_cols, ix_cols = defs.aggregate_columns(spec)
     days = {"first_day", "last_day"} | {c for c in ix_cols if c.startswith("_last_")}
     start = 0
@@ -521,5 +523,15 @@ def grid_tables(
                 columns[name] = pa.array(values)
         for j in range(start, stop):
             present[j] = np.empty(0, dtype=np.int64)
-        yield pa.table(columns)
+        yield _table_of(columns), total_rows
         start = stop
+
+
+def _table_of(columns: dict[str, pa.Array]) -> pa.Table:
+    """A table of ``columns``, the dict emptied.
+
+    A generator's local must not keep a batch alive while its consumer works on it.
+    """
+    table = pa.table(columns)
+    columns.clear()
+    return table

@@ -353,3 +353,88 @@ def test_streamed_chunks_equal_build_features(tiny_tx, tiny_ix):
     assert len(chunks) == len(whole) and all(len(c) == 1 for c in chunks)
     streamed = pd.concat(chunks).sort_values("customer_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(streamed, whole.sort_values("customer_id").reset_index(drop=True))
+
+
+def _batches():
+    """Two feature-like Arrow batches: integers, floats with nulls, a timestamp, text, a
+    category, several chunks in the second."""
+    import pyarrow as pa
+
+    def batch(ids, spend, channel):
+        n = len(ids)
+        return pa.table(
+            {
+                "customer_id": pa.array(ids, pa.int64()),
+                "as_of": pa.array(np.full(n, np.datetime64("2024-01-31", "us"))),
+                "n_purchases": pa.array(np.arange(n, dtype="int64")),
+                "spend_std": pa.array(spend, pa.float64()),
+                "r_score": pa.array(np.ones(n, dtype="int32")),
+                "preferred_channel": pa.array(channel, pa.string()),
+                "segment": pa.DictionaryArray.from_arrays(
+                    pa.array(np.zeros(n, dtype="int8")), pa.array(["New", "Lost"])
+                ),
+            }
+        )
+
+    first = batch([1, 2], [1.5, None], ["web", None])
+    second = pa.concat_tables(
+        [batch([3], [2.0], ["email"]), batch([4, 5], [None, 0.5], ["a", "b"])]
+    )
+    return first, second
+
+
+def test_stacked_batches_equal_their_pandas_concatenation():
+    from rapport.features.build import _Stacker
+
+    first, second = _batches()
+    expected = pd.concat([first.to_pandas(), second.to_pandas()], ignore_index=True)
+    stacker = _Stacker(first.num_rows + second.num_rows)
+    stacker.add(first)
+    stacker.add(second)
+    frame = stacker.frame()
+    pd.testing.assert_frame_equal(frame, expected)
+    # one block per dtype (what to_pandas makes), and writes land in the frame itself
+    assert frame._mgr.nblocks == 6
+    frame.loc[4, "n_purchases"] = 99
+    frame.loc[0, "spend_std"] = -1.0
+    assert frame.loc[4, "n_purchases"] == 99 and frame.loc[0, "spend_std"] == -1.0
+
+
+def test_stacker_refuses_batches_that_do_not_fit():
+    from rapport.features.build import _Stacker
+
+    first, second = _batches()
+    with pytest.raises(ValueError, match="more than the 3 rows"):
+        stacker = _Stacker(3)
+        stacker.add(first)
+        stacker.add(second)
+    stacker = _Stacker(10)
+    stacker.add(first)
+    with pytest.raises(ValueError, match="differ in columns"):
+        stacker.add(second.drop_columns(["segment"]))
+    with pytest.raises(ValueError, match="hold 2 rows, 10 expected"):
+        stacker.frame()
+    import pyarrow as pa
+
+    gaps = first.set_column(2, "n_purchases", pa.array([1, None], pa.int64()))
+    with pytest.raises(ValueError, match="'n_purchases' has nulls"):
+        _Stacker(2).add(gaps)
+
+
+def test_frames_own_their_text_so_duckdb_results_are_freed():
+    # a text column left on DuckDB's buffers kept the whole result alive beside the frame
+    import duckdb
+
+    from rapport.features.build import _own_text
+
+    table = duckdb.sql("SELECT range AS n, 'c' || range::VARCHAR AS name FROM range(1000)").arrow()
+    table = table.read_all() if hasattr(table, "read_all") else table
+    own = _own_text(table)
+    assert own.equals(table)
+    before = {b.address for c in table.column("name").chunks for b in c.buffers() if b}
+    after = {b.address for c in own.column("name").chunks for b in c.buffers() if b}
+    assert not before & after
+    assert (
+        own.column("n").chunks[0].buffers()[1].address
+        == table.column("n").chunks[0].buffers()[1].address
+    )
