@@ -548,21 +548,24 @@ def _grid_feature_tables(
     The base aggregates come from difference arrays, the features from them by the same SQL;
     each table is cut to ``columns`` and comes with the rows of all tables together.
     """
-    from rapport.features.grid import grid_tables
+    from rapport.features.grid import grid_tables, widen_counts_sql
 
     unpacked = dataclasses.replace(spec, pack_counts=False)
     sql = defs.features_sql(unpacked, source="grid")
     with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
         for grid, total_rows in grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS):
-            con.register("grid", grid)
+            con.register("grid_counts", grid)
+            widened = widen_counts_sql(grid.schema, "grid_counts")
+            con.execute(f"CREATE OR REPLACE TEMP VIEW grid AS {widened}")
             # the query is a projection: with insertion order kept, rows stay in grid order
             con.execute("SET preserve_insertion_order = true")
             try:
                 table = _arrow(con.execute(sql))
             finally:
                 con.execute(f"SET preserve_insertion_order = {bool(keep_order and keep_order[0])}")
-                con.unregister("grid")
+                con.execute("DROP VIEW IF EXISTS grid")
+                con.unregister("grid_counts")
             del grid
             table = _with_scores(table).select(columns)
             yield table, total_rows

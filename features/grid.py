@@ -145,7 +145,16 @@ class _Grid:
         difference array. ``windows`` must be among those the rows were made for.
         """
         if self.k > 1:
-            return {w: self.total(rows, weights, window=w) for w in sorted(set(windows))}
+            # every window enters its rows at the same cutoffs: one bincount for the entries,
+            # one per window for its exits
+            entries = self._bins(rows, rows.slot, weights)
+            dtype = np.float64 if weights is not None else self._count_type(rows)
+            out = {}
+            for w in sorted(set(windows)):
+                delta = self._bins(rows, self.index(rows.day, w), weights)
+                np.subtract(entries, delta, out=delta)  # in place: no third full-size array
+                out[w] = self._running(delta, dtype)
+            return out
         lengths, n_bands = rows.lengths, len(rows.lengths) + 1
         counts = np.bincount(
             rows.code * n_bands + rows.slot, weights=weights, minlength=self.n * n_bands
@@ -510,21 +519,39 @@ def grid_tables(
             ),
         }
         for name in tx_cols + ix_cols:
-            values = np.concatenate(out[name][start:stop])
+            parts = out[name][start:stop]
             # a new list, not a slice assignment: columns may share one list (a window twice
             # another is both a window and a trend's doubled span), and emptying it in place
             # would empty the other column before its turn
             out[name] = [*out[name][:start], *[np.empty(0)] * (stop - start), *out[name][stop:]]
+            # one chunk per cutoff, each taken over from numpy without a copy: concatenating
+            # them and widening int32 counts here wrote 4.7 GB at 12 cutoffs x 1.5M customers
+            # (the SQL reads the counts through widen_counts_sql)
             if name in days:
-                columns[name] = pa.array(values, mask=values == _NO_DAY).cast(pa.date32())
-            elif values.dtype == np.int32:
-                columns[name] = pa.array(values.astype(np.int64))
+                chunks = [pa.array(v, mask=v == _NO_DAY).cast(pa.date32()) for v in parts]
             else:
-                columns[name] = pa.array(values)
+                chunks = [pa.array(v) for v in parts]
+            columns[name] = pa.chunked_array(chunks)
+            del parts, chunks
         for j in range(start, stop):
             present[j] = np.empty(0, dtype=np.int64)
         yield _table_of(columns), total_rows
         start = stop
+
+
+def widen_counts_sql(schema: pa.Schema, source: str) -> str:
+    """A projection of ``source``, a :func:`grid_tables` table, with int32 counts as BIGINT.
+
+    BIGINT is the type of the SQL aggregates they replace, so the features keep their types;
+    ``customer_id`` keeps its own.
+    """
+    widened = [
+        f'CAST("{f.name}" AS BIGINT) AS "{f.name}"'
+        for f in schema
+        if f.type == pa.int32() and f.name not in ("customer_id", "as_of")
+    ]
+    replace = f" REPLACE ({', '.join(widened)})" if widened else ""
+    return f"SELECT *{replace} FROM {source}"
 
 
 def _table_of(columns: dict[str, pa.Array]) -> pa.Table:
