@@ -27,7 +27,7 @@ import yaml
 from mlflow.data.pandas_dataset import from_pandas
 from mlflow.models import infer_signature
 
-from rapport.features.build import connect, discover_interaction_pairs
+from rapport.features.build import build_features, connect, discover_interaction_pairs
 from rapport.features.contracts import TableSource, load_interactions, load_transactions
 from rapport.training import plots, tracking, tuning
 from rapport.training.btyd import ConvergenceError, ParetoNBDModel
@@ -259,6 +259,36 @@ def _score_with(config: ModelConfig) -> Callable[[Any, pd.DataFrame], float]:
     return score
 
 
+def _champion_rows(
+    champion: Any,
+    config: ModelConfig,
+    transactions: TableSource,
+    interactions: TableSource | None,
+    test_rows: pd.DataFrame,
+) -> pd.DataFrame:
+    """The test cutoff's rows as a champion with another feature spec reads them.
+
+    Its own windows and interaction pairs over the run's data, at the run's test cutoff,
+    with the run's labels: the same customers and targets, so the gate still compares like
+    with like after a config changes the features.
+    """
+    model = champion.model  # the pyfunc wrapper's ChurnModel or ValueModel
+    pairs = tuple(getattr(model, "interaction_pairs_", None) or ())
+    if pairs and interactions is None:
+        raise tracking.NotComparableError("it reads interaction features and this run has none")
+    as_of = test_rows["as_of"].iloc[0]
+    features = build_features(
+        load_transactions(transactions),
+        load_interactions(interactions) if pairs and interactions is not None else None,
+        as_of=pd.Timestamp(as_of).date().isoformat(),
+        windows=model.config.windows,
+        interaction_pairs=pairs or None,
+        validate=False,
+    )
+    labels = test_rows[["customer_id", "as_of", config.label]]
+    return features.merge(labels, on=["customer_id", "as_of"], validate="one_to_one")
+
+
 def prepare_training_set(
     config: ModelConfig,
     transactions: TableSource,
@@ -434,14 +464,20 @@ def train(
         new_version = str(info.registered_model_version)
         tracking.set_alias(config.registered_name, tracking.CHALLENGER, new_version)
         with step("Comparing with the champion"):
-            champion_value, champion_version = tracking.champion_value_on(
-                config.registered_name, test_rows, _score_with(config)
+            champion_value, champion_version, note = tracking.champion_value_on(
+                config.registered_name,
+                test_rows,
+                _score_with(config),
+                rows_for=lambda champion: _champion_rows(
+                    champion, config, transactions, interactions, test_rows
+                ),
             )
             decision = tracking.decide(
                 config.gate,
                 evaluation.metrics[MODEL_NAME][config.gate.metric],
                 champion_value,
                 champion_version,
+                note,
             )
         mlflow.set_tags({"rapport.gate": "pass" if decision.promote else "fail"})
         mlflow.log_text(decision.reason, "gate.txt")

@@ -6,6 +6,7 @@ moves only when the gate passes, as the very last step of a successful run.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import math
 from collections.abc import Callable
@@ -77,8 +78,26 @@ def decide(
     new_value: float,
     champion_value: float | None,
     champion_version: str | None = None,
+    note: str = "",
 ) -> GateDecision:
-    """Apply the gate to the new model's and the champion's metric on the same test rows."""
+    """Apply the gate to the new model's and the champion's metric on the same test rows.
+
+    ``note`` (from :func:`champion_value_on`) is added to the reason. A champion that exists
+    (``champion_version``) but could not be scored (``champion_value`` None) is kept: nothing
+    is promoted without a comparison.
+    """
+    decision = _decide(gate, new_value, champion_value, champion_version)
+    if note:
+        decision = dataclasses.replace(decision, reason=f"{decision.reason}; {note}")
+    return decision
+
+
+def _decide(
+    gate: GateConfig,
+    new_value: float,
+    champion_value: float | None,
+    champion_version: str | None,
+) -> GateDecision:
     metric = gate.metric
     sign = 1.0 if gate.higher_is_better else -1.0
     if not math.isfinite(new_value):
@@ -90,6 +109,15 @@ def decide(
             f"{metric} {new_value:.4f} misses the threshold {bound} {gate.min_value}",
             new_value,
             champion_value,
+            champion_version,
+        )
+    if champion_value is None and champion_version is not None:
+        return GateDecision(
+            False,
+            f"{metric} {new_value:.4f}, but champion v{champion_version} could not be compared "
+            "on the same test cutoff, so it stays (compare, then `rapport promote` by hand)",
+            new_value,
+            None,
             champion_version,
         )
     if champion_value is None:
@@ -113,20 +141,44 @@ def decide(
     )
 
 
-def champion_value_on(
-    name: str, test: pd.DataFrame, score: Callable[[Any, pd.DataFrame], float]
-) -> tuple[float | None, str | None]:
-    """Score the current champion on the new run's test rows (``None`` if there is none).
+class NotComparableError(Exception):
+    """The champion cannot be scored on this run's data (the reason is the message)."""
 
-    A champion that cannot score these rows (e.g. trained on other feature columns) scores
-    ``-inf``/``inf`` through ``score`` raising: the new model then only needs to pass the
-    threshold. That is logged, never hidden.
+
+def champion_value_on(
+    name: str,
+    test: pd.DataFrame,
+    score: Callable[[Any, pd.DataFrame], float],
+    rows_for: Callable[[Any], pd.DataFrame] | None = None,
+) -> tuple[float | None, str | None, str]:
+    """Score the current champion on the new run's test cutoff.
+
+    Returns ``(value, version, note)``: ``(None, None, "")`` when there is no champion. A
+    champion trained on other feature columns (other windows, other interaction pairs, or
+    none) cannot read ``test``; ``rows_for(model)`` then rebuilds the same test cutoff with
+    the champion's own feature spec and the run's labels, and ``note`` says so. Where even
+    that is impossible (``rows_for`` raises :class:`NotComparableError`) the value is ``None`` and
+    ``note`` says why: :func:`decide` then keeps the champion.
     """
+    from rapport.training.models import FeatureSchemaError
+
     current = version_by_alias(name, CHAMPION)
     if current is None:
-        return None, None
+        return None, None, ""
+    version = str(current.version)
     model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").unwrap_python_model()
-    return score(model, test), str(current.version)
+    try:
+        return score(model, test), version, ""
+    except FeatureSchemaError as error:
+        if rows_for is None:
+            raise
+        mismatch = str(error)
+    try:
+        rows = rows_for(model)
+    except NotComparableError as why:
+        return None, version, f"champion v{version} cannot be scored on this run's data: {why}"
+    note = f"champion v{version} scored on its own features of the test cutoff ({mismatch})"
+    return score(model, rows), version, note
 
 
 def set_alias(name: str, alias: str, version: str) -> None:

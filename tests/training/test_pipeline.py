@@ -219,3 +219,57 @@ def test_frame_digest_tracks_content_past_mlflows_first_10000_rows() -> None:
     changed.loc[15_000, "spend"] += 1.0  # beyond the rows MLflow's own digest looks at
     assert pipeline.frame_digest(changed) != digest
     assert pipeline.frame_digest(frame.rename(columns={"spend": "spend_90d"})) != digest
+
+
+def test_gate_compares_a_champion_with_other_features_on_its_own_features(
+    tmp_path: Path,
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> None:
+    """A config that changes the windows still meets the champion on the same test cutoff;
+    a run without the interactions the champion reads keeps the champion."""
+    settings = TrainingSettings(home=tmp_path, mlflow_tracking_uri=None)
+    tx, ix = small_world["transactions"], small_world["interactions"]
+    first = pipeline.train(fast_config("churn"), tx, ix, settings=settings)
+    assert first.promoted
+    lenient = {"gate.min_improvement": -1.0}
+    # (30, 60): no 90- or 365-day columns for the champion in this run's rows
+    second = pipeline.train(
+        fast_config("churn", windows=[30, 60], **lenient), tx, ix, settings=settings
+    )
+    assert "scored on its own features of the test cutoff" in second.gate_reason
+    assert "vs champion v1" in second.gate_reason and second.promoted
+    client = MlflowClient(settings.tracking_uri)
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "2"
+    # no interactions: the champion (which reads them) cannot be scored, so it stays
+    third = pipeline.train(fast_config("churn", **lenient), tx, None, settings=settings)
+    assert not third.promoted
+    assert "could not be compared" in third.gate_reason and "has none" in third.gate_reason
+    assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("rapport-churn", "challenger").version) == "3"
+
+
+def test_champion_rows_rebuild_the_test_cutoff_faithfully(
+    churn_frames: tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame],
+    small_world: dict[str, Path],
+    fast_config: Callable[..., ModelConfig],
+) -> None:
+    from rapport.features.build import discover_interaction_pairs
+    from rapport.features.contracts import load_interactions
+    from rapport.training.models import ChurnModel
+    from rapport.training.pyfunc import RapportModel
+
+    train, valid, test = churn_frames
+    config = fast_config("churn")
+    model = ChurnModel(config).fit(train, valid)
+    ix = load_interactions(small_world["interactions"])
+    model.interaction_pairs_ = discover_interaction_pairs(ix)  # what training pinned
+    rows = pipeline._champion_rows(
+        RapportModel(model), config, small_world["transactions"], small_world["interactions"], test
+    )
+    assert len(rows) == len(test) and config.label in rows.columns
+    shared = [c for c in rows.columns if c in test.columns]
+    assert len(shared) == len(rows.columns) > 60
+    expected = test[shared].sort_values("customer_id").reset_index(drop=True)
+    got = rows[shared].sort_values("customer_id").reset_index(drop=True)
+    pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_categorical=False)
