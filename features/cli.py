@@ -133,7 +133,19 @@ IxColumnsOpt = Annotated[
 ]
 FormatOpt = Annotated[
     str | None,
-    typer.Option("--timestamp-format", help="strftime format of timestamps, e.g. %Y%m%d."),
+    typer.Option(
+        "--timestamp-format",
+        help="strftime format of the timestamps, e.g. %Y%m%d (default: parsed as dates or "
+        "datetimes in ISO and the usual forms).",
+    ),
+]
+IxFormatOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--ix-timestamp-format",
+        help="strftime format of the interactions' timestamps where it differs from "
+        "--timestamp-format; 'auto' parses them as dates or datetimes.",
+    ),
 ]
 
 
@@ -149,6 +161,7 @@ def features_build(
     tx_columns: TxColumnsOpt = "",
     ix_columns: IxColumnsOpt = "",
     timestamp_format: FormatOpt = None,
+    ix_timestamp_format: IxFormatOpt = None,
     cutoff_batch: Annotated[
         int | None,
         typer.Option(
@@ -171,10 +184,14 @@ def features_build(
     ix = None
     if interactions is not None:
         path = interactions
+        # exports from two systems rarely share a format: the interactions may have their own
+        ix_format = timestamp_format if ix_timestamp_format is None else ix_timestamp_format
         with step(f"Loading interactions from {path}"):
             ix = run_or_exit(
                 lambda: load_interactions(
-                    path, columns=ix_columns, timestamp_format=timestamp_format
+                    path,
+                    columns=ix_columns,
+                    timestamp_format=None if ix_format == "auto" else ix_format,
                 )
             )
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.

@@ -202,7 +202,11 @@ def _to_utc_naive(df: pd.DataFrame, kind: str, timestamp_format: str | None) -> 
             bad = (parsed.isna() & raw.notna()).to_numpy()
         parsed = parsed.dt.tz_localize(None)
         if bad.any():
-            hint = "" if timestamp_format else " (pass a timestamp format if they are valid)"
+            hint = (
+                f" with the format {timestamp_format!r}"
+                if timestamp_format
+                else " (pass a timestamp format if they are valid)"
+            )
             raise DataValidationError(
                 kind,
                 "timestamp",

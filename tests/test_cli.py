@@ -49,6 +49,37 @@ def test_validation_error_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
 
+def test_interactions_take_their_own_timestamp_format(tmp_path):
+    tx = pd.DataFrame(
+        {"CustID": [1, 1, 2], "When": ["03/01/2024 10:00", "15/02/2024 09:30", "20/02/2024 18:00"]}
+    ).assign(Total=[10.0, 20.0, 5.0])
+    ix = pd.DataFrame(
+        {
+            "customer_id": [1, 2],
+            "timestamp": ["2024-02-01 08:00:00", "2024-02-21 07:00:00"],
+            "channel": ["Email", "web"],
+            "event": ["open", "visit"],
+        }
+    )
+    tx.to_csv(tmp_path / "tx.csv", index=False)
+    ix.to_csv(tmp_path / "ix.csv", index=False)
+    out = tmp_path / "feats.parquet"
+    args = [
+        "features", "build", "-t", str(tmp_path / "tx.csv"), "-i", str(tmp_path / "ix.csv"),
+        "--tx-columns", "customer_id=CustID,timestamp=When,amount=Total",
+        "--timestamp-format", "%d/%m/%Y %H:%M", "--as-of", "2024-02-29", "-o", str(out),
+    ]  # fmt: skip
+    # the transactions' format applies to the interactions unless they have their own
+    refused = runner.invoke(app, args)
+    assert refused.exit_code == 2 and "with the format '%d/%m/%Y %H:%M'" in refused.output
+    assert not out.exists()
+    result = runner.invoke(app, [*args, "--ix-timestamp-format", "auto"])
+    assert result.exit_code == 0, result.output
+    feats = pd.read_parquet(out).set_index("customer_id")
+    assert feats.loc[1, "n_purchases"] == 2 and feats.loc[1, "email_opens_30d"] == 1
+    assert feats.loc[2, "web_visits_30d"] == 1
+
+
 def test_labels_command(tmp_path, cdnow_csv):
     out = tmp_path / "labels.parquet"
     result = runner.invoke(
