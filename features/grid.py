@@ -115,24 +115,18 @@ class _Grid:
             out.append(acc[self.present[j]])
         return out
 
-    def total(
-        self, rows: _Rows, weights: np.ndarray | None = None, *, window: int | None = None
-    ) -> list[np.ndarray]:
+    def total(self, rows: _Rows, weights: np.ndarray | None = None) -> list[np.ndarray]:
         """Per cutoff, the sum of ``weights`` over the rows it sees (a count when None).
 
-        With ``window``, only the rows within its last ``window`` days. Counts come as int32
-        (int64 past 2**31 rows), sums as float64.
+        Counts come as int32 (int64 past 2**31 rows), sums as float64; :meth:`windowed` sums
+        over the last days only.
         """
-        if self.k == 1 and window is None:
+        dtype = np.float64 if weights is not None else self._count_type(rows)
+        if self.k == 1:
             # every row is on or before the one cutoff: a plain sum per customer
             sums = np.bincount(rows.code, weights=weights, minlength=self.n)[self.present[0]]
-            return [sums.astype(np.float64 if weights is not None else self._count_type(rows))]
-        delta = self._bins(rows, rows.slot, weights)
-        if window is not None:
-            # day + window > day, so the exit is never before the entry; at the entry itself
-            # (cutoffs further apart than the window) it cancels it
-            delta -= self._bins(rows, self.index(rows.day, window), weights)
-        return self._running(delta, np.float64 if weights is not None else self._count_type(rows))
+            return [sums.astype(dtype)]
+        return self._running(self._bins(rows, rows.slot, weights), dtype)
 
     def windowed(
         self, rows: _Rows, weights: np.ndarray | None, windows: Sequence[int]
@@ -146,7 +140,9 @@ class _Grid:
         """
         if self.k > 1:
             # every window enters its rows at the same cutoffs: one bincount for the entries,
-            # one per window for its exits
+            # one per window for its exits (day + window > day, so an exit is never before its
+            # entry; at the entry itself, for cutoffs further apart than the window, it
+            # cancels it)
             entries = self._bins(rows, rows.slot, weights)
             dtype = np.float64 if weights is not None else self._count_type(rows)
             out = {}
