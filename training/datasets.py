@@ -117,6 +117,7 @@ def build_training_set(
     cutoffs: Sequence[dt.date | str],
     horizon_days: int,
     windows: Sequence[int] = DEFAULT_WINDOWS,
+    interaction_pairs: Sequence[tuple[str, str]] | None = None,
     validate: bool = True,
     connection: duckdb.DuckDBPyConnection | None = None,
 ) -> pd.DataFrame:
@@ -132,6 +133,8 @@ def build_training_set(
         Label horizon ``H``.
     windows
         Feature windows in days.
+    interaction_pairs
+        ``(channel, event)`` pairs to count (a trained model's); by default those present.
     validate
         Validate raw inputs (frames from the loaders are already valid).
     connection
@@ -149,6 +152,7 @@ def build_training_set(
         interactions,
         as_of=dates,
         windows=tuple(windows),
+        interaction_pairs=interaction_pairs,
         validate=validate,
         connection=connection,
     )

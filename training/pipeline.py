@@ -259,6 +259,26 @@ def _score_with(config: ModelConfig) -> Callable[[Any, pd.DataFrame], float]:
     return score
 
 
+def _model_inputs(
+    model: ChurnModel | ValueModel, interactions: TableSource | None
+) -> tuple[TableSource | None, tuple[tuple[str, str], ...] | None]:
+    """The interactions and pinned ``(channel, event)`` pairs a trained model's features need.
+
+    Raises
+    ------
+    tracking.NotComparableError
+        The model reads interaction features and ``interactions`` is None.
+    """
+    pairs = model.interaction_pairs_
+    if pairs is None:  # not recorded with the model: the pairs the data has
+        return interactions, None
+    if not pairs:
+        return None, None
+    if interactions is None:
+        raise tracking.NotComparableError("it reads interaction features and none were given")
+    return interactions, tuple(pairs)
+
+
 def _champion_rows(
     champion: Any,
     config: ModelConfig,
@@ -273,16 +293,13 @@ def _champion_rows(
     with like after a config changes the features.
     """
     model = champion.model  # the pyfunc wrapper's ChurnModel or ValueModel
-    pairs = tuple(getattr(model, "interaction_pairs_", None) or ())
-    if pairs and interactions is None:
-        raise tracking.NotComparableError("it reads interaction features and this run has none")
-    as_of = test_rows["as_of"].iloc[0]
+    ix, pairs = _model_inputs(model, interactions)
     features = build_features(
         load_transactions(transactions),
-        load_interactions(interactions) if pairs and interactions is not None else None,
-        as_of=pd.Timestamp(as_of).date().isoformat(),
+        load_interactions(ix) if ix is not None else None,
+        as_of=pd.Timestamp(test_rows["as_of"].iloc[0]).date().isoformat(),
         windows=model.config.windows,
-        interaction_pairs=pairs or None,
+        interaction_pairs=pairs,
         validate=False,
     )
     labels = test_rows[["customer_id", "as_of", config.label]]
@@ -324,8 +341,14 @@ def _labelled_rows(
     ix: pd.DataFrame | None,
     cutoffs: list[dt.date] | list[str],
     settings: TrainingSettings,
+    *,
+    windows: tuple[int, ...] | None = None,
+    interaction_pairs: tuple[tuple[str, str], ...] | None = None,
 ) -> pd.DataFrame:
-    """Features and labels at ``cutoffs`` on one DuckDB connection set up from settings."""
+    """Features and labels at ``cutoffs`` on one DuckDB connection set up from settings.
+
+    The config's windows unless ``windows`` (a trained model's) are given.
+    """
     con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
     try:
         return build_training_set(
@@ -333,7 +356,8 @@ def _labelled_rows(
             ix,
             cutoffs=cutoffs,
             horizon_days=config.horizon_days,
-            windows=config.windows,
+            windows=config.windows if windows is None else windows,
+            interaction_pairs=interaction_pairs,
             validate=False,
             connection=con,
         )
@@ -567,9 +591,23 @@ def evaluate_registered(
     """
     settings = settings or TrainingSettings()
     tracking.configure(settings)
-    ix = load_interactions(interactions) if interactions is not None else None
-    frame = _labelled_rows(config, load_transactions(transactions), ix, [as_of], settings)
     model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    # the features the model was trained on (its windows and interaction pairs), whatever
+    # the config at hand says: the config gives the label and horizon
+    try:
+        source, pairs = _model_inputs(model.model, interactions)
+    except tracking.NotComparableError as error:
+        raise ValueError(f"{model_uri}: {error}") from error
+    ix = load_interactions(source) if source is not None else None
+    frame = _labelled_rows(
+        config,
+        load_transactions(transactions),
+        ix,
+        [as_of],
+        settings,
+        windows=tuple(model.model.config.windows),
+        interaction_pairs=pairs,
+    )
     scores = model.predict(None, frame)
     h = config.horizon_days
     btyd = BTYDFeatures(h, seed=config.seed).fit(frame).transform(frame)

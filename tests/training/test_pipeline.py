@@ -244,9 +244,31 @@ def test_gate_compares_a_champion_with_other_features_on_its_own_features(
     # no interactions: the champion (which reads them) cannot be scored, so it stays
     third = pipeline.train(fast_config("churn", **lenient), tx, None, settings=settings)
     assert not third.promoted
-    assert "could not be compared" in third.gate_reason and "has none" in third.gate_reason
+    assert "could not be compared" in third.gate_reason
+    assert "reads interaction features and none were given" in third.gate_reason
     assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("rapport-churn", "challenger").version) == "3"
+    # evaluating version 2 under the default config (other windows) builds its own features
+    # and reproduces its test metric; without the interactions it reads, a clear error
+    table = pipeline.evaluate_registered(
+        fast_config("churn"),
+        "models:/rapport-churn/2",
+        tx,
+        ix,
+        as_of=str(second.split.test),
+        settings=settings,
+    )
+    expected = second.metrics.loc["lightgbm", "roc_auc"]
+    assert table.loc["registered", "roc_auc"] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="reads interaction features and none were given"):
+        pipeline.evaluate_registered(
+            fast_config("churn"),
+            "models:/rapport-churn/2",
+            tx,
+            None,
+            as_of=str(second.split.test),
+            settings=settings,
+        )
 
 
 def test_champion_rows_rebuild_the_test_cutoff_faithfully(
