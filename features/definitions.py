@@ -93,6 +93,8 @@ def event_plural(event: str) -> str:
     event = column_fragment(event)
     if event in _PLURALS:
         return _PLURALS[event]
+    if len(event) > 1 and event.endswith("y") and event[-2] not in "aeiou_":
+        return event[:-1] + "ies"  # reply reads replies; survey stays surveys
     return event + ("es" if event.endswith(("s", "x", "sh", "ch")) else "s")
 
 

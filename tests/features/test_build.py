@@ -438,3 +438,21 @@ def test_frames_own_their_text_so_duckdb_results_are_freed():
         own.column("n").chunks[0].buffers()[1].address
         == table.column("n").chunks[0].buffers()[1].address
     )
+
+
+@pytest.mark.parametrize(
+    ("event", "plural"),
+    [
+        ("sent", "sends"),
+        ("delivered", "deliveries"),
+        ("open", "opens"),
+        ("Click-Through", "click_throughs"),
+        ("reply", "replies"),
+        ("survey", "surveys"),
+        ("push", "pushes"),
+    ],
+)
+def test_event_names_read_as_plural_counts(event, plural):
+    from rapport.features.definitions import event_plural
+
+    assert event_plural(event) == plural
