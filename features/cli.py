@@ -139,6 +139,13 @@ FormatOpt = Annotated[
         "datetimes in ISO and the usual forms).",
     ),
 ]
+DecimalCommaOpt = Annotated[
+    bool,
+    typer.Option(
+        "--decimal-comma",
+        help="Amounts are written with a decimal comma (1.234,50), as European exports do.",
+    ),
+]
 IxFormatOpt = Annotated[
     str | None,
     typer.Option(
@@ -162,6 +169,7 @@ def features_build(
     ix_columns: IxColumnsOpt = "",
     timestamp_format: FormatOpt = None,
     ix_timestamp_format: IxFormatOpt = None,
+    decimal_comma: DecimalCommaOpt = False,
     cutoff_batch: Annotated[
         int | None,
         typer.Option(
@@ -178,7 +186,10 @@ def features_build(
     with step(f"Loading transactions from {transactions}"):
         tx = run_or_exit(
             lambda: load_transactions(
-                transactions, columns=tx_columns, timestamp_format=timestamp_format
+                transactions,
+                columns=tx_columns,
+                timestamp_format=timestamp_format,
+                decimal="," if decimal_comma else ".",
             )
         )
     ix = None
@@ -222,13 +233,17 @@ def features_labels(
     ] = 90,
     tx_columns: TxColumnsOpt = "",
     timestamp_format: FormatOpt = None,
+    decimal_comma: DecimalCommaOpt = False,
 ) -> None:
     """Build churn / future-spend labels for a horizon after each cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
     with step(f"Loading transactions from {transactions}"):
         tx = run_or_exit(
             lambda: load_transactions(
-                transactions, columns=tx_columns, timestamp_format=timestamp_format
+                transactions,
+                columns=tx_columns,
+                timestamp_format=timestamp_format,
+                decimal="," if decimal_comma else ".",
             )
         )
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):

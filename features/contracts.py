@@ -216,7 +216,7 @@ def _to_utc_naive(df: pd.DataFrame, kind: str, timestamp_format: str | None) -> 
     return parsed.astype("datetime64[us]")
 
 
-def _to_amount(df: pd.DataFrame, kind: str) -> pd.Series:
+def _to_amount(df: pd.DataFrame, kind: str, decimal: str = ".") -> pd.Series:
     raw = df["amount"]
     if pd.api.types.is_bool_dtype(raw.dtype):
         raise DataValidationError(kind, "amount", "boolean values are not amounts", df.head())
@@ -225,11 +225,21 @@ def _to_amount(df: pd.DataFrame, kind: str) -> pd.Series:
     else:
         # Decimal objects and numeric strings both land as float64 here: sums must never be
         # accumulated as Python Decimal objects.
-        amount = pd.to_numeric(raw, errors="coerce").astype("float64")
+        text = raw
+        if decimal == ",":
+            # 1.234,50 -> 1234.50; only this column: a CSV reader's decimal and thousands
+            # options would also turn ids and dd.mm.yyyy dates into numbers
+            text = raw.astype("string").str.replace(".", "", regex=False)
+            text = text.str.replace(",", ".", regex=False)
+        elif decimal != ".":
+            raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
+        amount = pd.to_numeric(text, errors="coerce").astype("float64")
         bad = (amount.isna() & raw.notna()).to_numpy()
         if bad.any():
+            commas = decimal == "." and raw[bad].astype("string").str.contains(",").any()
+            hint = " (a decimal comma? pass decimal=',' / --decimal-comma)" if commas else ""
             raise DataValidationError(
-                kind, "amount", f"{int(bad.sum()):,} non-numeric value(s)", df.loc[bad]
+                kind, "amount", f"{int(bad.sum()):,} non-numeric value(s){hint}", df.loc[bad]
             )
     nonfinite = ~np.isfinite(amount.to_numpy(na_value=0.0))
     if nonfinite.any():
@@ -285,6 +295,7 @@ def validate_table(
     columns: Mapping[str, str] | None = None,
     timestamp_format: str | None = None,
     drop_duplicates: bool = True,
+    decimal: str = ".",
 ) -> pd.DataFrame:
     """Check one event table against its contract and return it in canonical form.
 
@@ -300,6 +311,9 @@ def validate_table(
         A ``strftime`` format for ``timestamp`` when pandas cannot infer it (e.g. ``%Y%m%d``).
     drop_duplicates
         Report and drop exact duplicate rows.
+    decimal
+        The decimal mark of text amounts: ``"."`` or ``","`` (``1.234,50``, with ``.``
+        grouping thousands).
 
     Returns
     -------
@@ -334,7 +348,7 @@ def validate_table(
         "timestamp": _to_utc_naive(df, kind, timestamp_format),
     }
     if kind == "transactions":
-        out["amount"] = _to_amount(df, kind)
+        out["amount"] = _to_amount(df, kind, decimal)
         if "order_id" in df.columns:
             out["order_id"] = df["order_id"]
     else:
@@ -363,6 +377,7 @@ def load_transactions(
     *,
     columns: str | Mapping[str, str] | None = None,
     timestamp_format: str | None = None,
+    decimal: str = ".",
 ) -> pd.DataFrame:
     """Read and validate a transactions table (see :func:`validate_table` for the columns out)."""
     return validate_table(
@@ -370,6 +385,7 @@ def load_transactions(
         "transactions",
         columns=parse_column_map(columns),
         timestamp_format=timestamp_format,
+        decimal=decimal,
     )
 
 

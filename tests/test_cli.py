@@ -80,6 +80,25 @@ def test_interactions_take_their_own_timestamp_format(tmp_path):
     assert feats.loc[2, "web_visits_30d"] == 1
 
 
+def test_features_build_reads_decimal_commas(tmp_path):
+    path = tmp_path / "eu.csv"
+    path.write_text(
+        "Kunde;Datum;Betrag\n1;03.01.2024;12,50\n1;03.02.2024;1.234,00\n2;10.02.2024;7\n"
+    )
+    out = tmp_path / "feats.parquet"
+    result = runner.invoke(
+        app,
+        [
+            "features", "build", "-t", str(path), "--as-of", "2024-02-29", "-o", str(out),
+            "--tx-columns", "customer_id=Kunde,timestamp=Datum,amount=Betrag",
+            "--timestamp-format", "%d.%m.%Y", "--decimal-comma",
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    feats = pd.read_parquet(out).set_index("customer_id")
+    assert feats.loc[1, "total_spend"] == 1246.5 and feats.loc[2, "total_spend"] == 7.0
+
+
 def test_labels_command(tmp_path, cdnow_csv):
     out = tmp_path / "labels.parquet"
     result = runner.invoke(

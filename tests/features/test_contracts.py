@@ -197,3 +197,16 @@ def test_mixed_id_types_still_join():
     )
     feats = build_features(tx, ix, as_of="2024-02-01")
     assert feats.set_index("customer_id").loc["1", "web_visits_30d"] == 1
+
+
+def test_amounts_with_a_decimal_comma(tmp_path):
+    path = tmp_path / "eu.csv"
+    path.write_text(
+        "customer_id;timestamp;amount\n1;03.01.2024;12,50\n1;03.02.2024;1.234,00\n2;10.02.2024;7\n"
+    )
+    with pytest.raises(DataValidationError, match="a decimal comma\\? pass decimal=','"):
+        load_transactions(path, timestamp_format="%d.%m.%Y")
+    tx = load_transactions(path, timestamp_format="%d.%m.%Y", decimal=",")
+    assert tx["amount"].tolist() == [12.5, 1234.0, 7.0]
+    # only the amount is read with the comma: dotted dates keep their meaning
+    assert tx["timestamp"].dt.month.tolist() == [1, 2, 2]
