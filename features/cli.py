@@ -156,6 +156,44 @@ IxFormatOpt = Annotated[
 ]
 
 
+def load_inputs(
+    transactions: Path,
+    interactions: Path | None,
+    *,
+    tx_columns: str = "",
+    ix_columns: str = "",
+    timestamp_format: str | None = None,
+    ix_timestamp_format: str | None = None,
+    decimal_comma: bool = False,
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Load and validate the event tables as the options say, with progress; exit 2 on errors.
+
+    The interactions take ``timestamp_format`` unless ``ix_timestamp_format`` gives theirs
+    (``"auto"``: parsed as dates or datetimes): exports from two systems rarely share one.
+    """
+    with step(f"Loading transactions from {transactions}"):
+        tx = run_or_exit(
+            lambda: load_transactions(
+                transactions,
+                columns=tx_columns,
+                timestamp_format=timestamp_format,
+                decimal="," if decimal_comma else ".",
+            )
+        )
+    if interactions is None:
+        return tx, None
+    ix_format = timestamp_format if ix_timestamp_format is None else ix_timestamp_format
+    with step(f"Loading interactions from {interactions}"):
+        ix = run_or_exit(
+            lambda: load_interactions(
+                interactions,
+                columns=ix_columns,
+                timestamp_format=None if ix_format == "auto" else ix_format,
+            )
+        )
+    return tx, ix
+
+
 @features_app.command("build")
 def features_build(
     transactions: TransactionsOpt,
@@ -183,28 +221,15 @@ def features_build(
     """Build point-in-time RFM + interaction features per customer and cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
     window_days = _windows(windows)
-    with step(f"Loading transactions from {transactions}"):
-        tx = run_or_exit(
-            lambda: load_transactions(
-                transactions,
-                columns=tx_columns,
-                timestamp_format=timestamp_format,
-                decimal="," if decimal_comma else ".",
-            )
-        )
-    ix = None
-    if interactions is not None:
-        path = interactions
-        # exports from two systems rarely share a format: the interactions may have their own
-        ix_format = timestamp_format if ix_timestamp_format is None else ix_timestamp_format
-        with step(f"Loading interactions from {path}"):
-            ix = run_or_exit(
-                lambda: load_interactions(
-                    path,
-                    columns=ix_columns,
-                    timestamp_format=None if ix_format == "auto" else ix_format,
-                )
-            )
+    tx, ix = load_inputs(
+        transactions,
+        interactions,
+        tx_columns=tx_columns,
+        ix_columns=ix_columns,
+        timestamp_format=timestamp_format,
+        ix_timestamp_format=ix_timestamp_format,
+        decimal_comma=decimal_comma,
+    )
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
     with step(f"Building features at {len(cutoffs)} cutoff(s) into {out}"):
         rows, last = run_or_exit(

@@ -19,7 +19,17 @@ import typer
 from mlflow.exceptions import MlflowException
 from rich.table import Table
 
-from rapport.features.cli import console, run_or_exit, step
+from rapport.features.cli import (
+    DecimalCommaOpt,
+    FormatOpt,
+    IxColumnsOpt,
+    IxFormatOpt,
+    TxColumnsOpt,
+    console,
+    load_inputs,
+    run_or_exit,
+    step,
+)
 from rapport.training import tracking
 from rapport.training.config import ModelConfig, Task, load_config
 from rapport.training.pipeline import TrainingResult, evaluate_registered, train
@@ -36,11 +46,19 @@ class TaskChoice(StrEnum):
 
 TransactionsOpt = Annotated[
     Path | None,
-    typer.Option(help="Transactions CSV/Parquet (default: the demo data in $RAPPORT_HOME/demo)."),
+    typer.Option(
+        "--transactions",
+        "-t",
+        help="Transactions CSV/Parquet (default: the demo data in $RAPPORT_HOME/demo).",
+    ),
 ]
 InteractionsOpt = Annotated[
     Path | None,
-    typer.Option(help="Interactions CSV/Parquet (default: the demo data, if present)."),
+    typer.Option(
+        "--interactions",
+        "-i",
+        help="Interactions CSV/Parquet (default: the demo data, if present).",
+    ),
 ]
 
 
@@ -142,11 +160,26 @@ def train_command(
             "cutoff first (nested MLflow runs); 0 turns a config's search off.",
         ),
     ] = None,
+    tx_columns: TxColumnsOpt = "",
+    ix_columns: IxColumnsOpt = "",
+    timestamp_format: FormatOpt = None,
+    ix_timestamp_format: IxFormatOpt = None,
+    decimal_comma: DecimalCommaOpt = False,
 ) -> None:
     """Train, evaluate out of time, track in MLflow, register, and gate the champion."""
     settings = TrainingSettings()
     quiet_mlflow()
-    tx, ix = _data(transactions, interactions, settings)
+    tx_path, ix_path = _data(transactions, interactions, settings)
+    # loaded once here (with the column maps and formats) for every task trained
+    tx, ix = load_inputs(
+        tx_path,
+        ix_path,
+        tx_columns=tx_columns,
+        ix_columns=ix_columns,
+        timestamp_format=timestamp_format,
+        ix_timestamp_format=ix_timestamp_format,
+        decimal_comma=decimal_comma,
+    )
     overrides = {
         "horizon_days": horizon_days,
         "cutoffs.last": last_cutoff,
@@ -159,7 +192,7 @@ def train_command(
     console.print(f"MLflow store: {settings.tracking_uri}")
     for cfg in configs:
         result: TrainingResult = run_or_exit(
-            partial(train, cfg, tx, ix, source=str(tx), settings=settings, step=step)
+            partial(train, cfg, tx, ix, source=str(tx_path), settings=settings, step=step)
         )
         split = result.split
         print_metrics(
@@ -188,10 +221,22 @@ def evaluate_command(
     ] = None,
     transactions: TransactionsOpt = None,
     interactions: InteractionsOpt = None,
+    tx_columns: TxColumnsOpt = "",
+    ix_columns: IxColumnsOpt = "",
+    timestamp_format: FormatOpt = None,
+    ix_timestamp_format: IxFormatOpt = None,
+    decimal_comma: DecimalCommaOpt = False,
 ) -> None:
     """Score a registered model on one cutoff beside the BTYD baseline."""
     settings = TrainingSettings()
-    tx, ix = _data(transactions, interactions, settings)
+    tx, ix = load_inputs(
+        *_data(transactions, interactions, settings),
+        tx_columns=tx_columns,
+        ix_columns=ix_columns,
+        timestamp_format=timestamp_format,
+        ix_timestamp_format=ix_timestamp_format,
+        decimal_comma=decimal_comma,
+    )
     cfg = run_or_exit(partial(_config_for, _task(task), config, {}))
     ref = f"/{version}" if version else f"@{alias}"
     uri = f"models:/{cfg.registered_name}{ref}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -107,3 +108,28 @@ def test_train_with_a_bad_config_exits_2_and_registers_nothing(
         not (home / "mlflow.db").exists()
         or not MlflowClient(TrainingSettings().tracking_uri).search_registered_models()
     )
+
+
+def test_train_reads_an_export_with_its_own_names_and_formats(
+    home: Path, fast_yaml: Path, small_world: dict[str, Path], tmp_path: Path
+) -> None:
+    raw = pd.read_parquet(small_world["transactions"])
+    export = tmp_path / "orders.csv"
+    pd.DataFrame(
+        {
+            "Kunde": raw["customer_id"],
+            "Datum": raw["timestamp"].dt.strftime("%d.%m.%Y %H:%M"),
+            "Betrag": raw["amount"].map(lambda a: f"{a:.2f}".replace(".", ",")),
+        }
+    ).to_csv(export, sep=";", index=False)
+    result = runner.invoke(
+        app,
+        ["train", "churn", "--config", str(fast_yaml / "churn.yaml"), "-t", str(export),
+         "--tx-columns", "customer_id=Kunde,timestamp=Datum,amount=Betrag",
+         "--timestamp-format", "%d.%m.%Y %H:%M", "--decimal-comma"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "rapport-churn v1: champion" in result.output
+    client = MlflowClient(TrainingSettings().tracking_uri)
+    run = client.get_run(client.get_model_version("rapport-churn", "1").run_id)
+    assert run.data.params["data_source"] == str(export)
