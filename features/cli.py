@@ -262,15 +262,13 @@ def features_labels(
 ) -> None:
     """Build churn / future-spend labels for a horizon after each cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
-    with step(f"Loading transactions from {transactions}"):
-        tx = run_or_exit(
-            lambda: load_transactions(
-                transactions,
-                columns=tx_columns,
-                timestamp_format=timestamp_format,
-                decimal="," if decimal_comma else ".",
-            )
-        )
+    tx, _ = load_inputs(
+        transactions,
+        None,
+        tx_columns=tx_columns,
+        timestamp_format=timestamp_format,
+        decimal_comma=decimal_comma,
+    )
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):
         labels = run_or_exit(
             lambda: build_labels(tx, as_of=cutoffs, horizon_days=horizon_days, validate=False)
