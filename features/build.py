@@ -360,9 +360,9 @@ def build_features(
         else:
             tables.append(table)
         del table  # the generator drops its reference when resumed: one batch alive at once
-    if stacker is None and len(tables) == 1:
-        return _typed(_frame(tables.pop()))
     if stacker is None:
+        if len(tables) == 1:
+            return _typed(_frame(tables.pop()))
         stacker = _Stacker(sum(t.num_rows for t in tables))
         while tables:
             stacker.add(tables.pop(0))

@@ -106,7 +106,7 @@ class _Grid:
         cumsum (1.5M customers x 12 cutoffs), and never a second full-size array.
         """
         columns = delta.reshape(self.n, self.k + 1)
-        # accumulated in the output type (running counts fit it, see _count_type), so each
+        # accumulated in the output type (running counts fit it, see _value_type), so each
         # cutoff's values are gathered once rather than gathered and then narrowed
         acc: np.ndarray = columns[:, 0].astype(dtype)
         out = [acc[self.present[0]]]
@@ -121,7 +121,7 @@ class _Grid:
         Counts come as int32 (int64 past 2**31 rows), sums as float64; :meth:`windowed` sums
         over the last days only.
         """
-        dtype = np.float64 if weights is not None else self._count_type(rows)
+        dtype = self._value_type(rows, weights)
         if self.k == 1:
             # every row is on or before the one cutoff: a plain sum per customer
             sums = np.bincount(rows.code, weights=weights, minlength=self.n)[self.present[0]]
@@ -138,13 +138,13 @@ class _Grid:
         running sum over the bands give every window; with several, each window is its own
         difference array. ``windows`` must be among those the rows were made for.
         """
+        dtype = self._value_type(rows, weights)
         if self.k > 1:
             # every window enters its rows at the same cutoffs: one bincount for the entries,
             # one per window for its exits (day + window > day, so an exit is never before its
             # entry; at the entry itself, for cutoffs further apart than the window, it
             # cancels it)
             entries = self._bins(rows, rows.slot, weights)
-            dtype = np.float64 if weights is not None else self._count_type(rows)
             out = {}
             for w in sorted(set(windows)):
                 delta = self._bins(rows, self.index(rows.day, w), weights)
@@ -156,7 +156,6 @@ class _Grid:
             rows.code * n_bands + rows.slot, weights=weights, minlength=self.n * n_bands
         )
         bands = counts.reshape(self.n, n_bands)
-        dtype = np.float64 if weights is not None else self._count_type(rows)
         # a running sum column by column: numpy's cumsum along a short axis is 5x slower
         acc = bands[:, 0].copy()
         out = {}
@@ -168,10 +167,14 @@ class _Grid:
         return out
 
     @staticmethod
-    def _count_type(rows: _Rows) -> type:
-        # counts are stored as int32 when no count can reach 2**31 (fewer rows than that),
-        # halving the grid; grid_tables hands them to the SQL as BIGINT like the aggregates
-        # they replace
+    def _value_type(rows: _Rows, weights: np.ndarray | None) -> type:
+        """The type of sums (float64) or counts of ``rows``.
+
+        Counts are int32 when no count can reach 2**31 (fewer rows than that), halving the
+        grid; the SQL widens them to BIGINT (:func:`widen_counts_sql`).
+        """
+        if weights is not None:
+            return np.float64
         return np.int32 if len(rows.code) < 2**31 else np.int64
 
     def latest(self, rows: _Rows) -> list[np.ndarray]:

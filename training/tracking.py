@@ -21,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from rapport.training.config import GateConfig
+from rapport.training.models import FeatureSchemaError
 from rapport.training.settings import TrainingSettings
 
 CHAMPION = "champion"
@@ -160,8 +161,6 @@ def champion_value_on(
     that is impossible (``rows_for`` raises :class:`NotComparableError`) the value is ``None`` and
     ``note`` says why: :func:`decide` then keeps the champion.
     """
-    from rapport.training.models import FeatureSchemaError
-
     current = version_by_alias(name, CHAMPION)
     if current is None:
         return None, None, ""

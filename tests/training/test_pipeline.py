@@ -248,27 +248,24 @@ def test_gate_compares_a_champion_with_other_features_on_its_own_features(
     assert "reads interaction features and none were given" in third.gate_reason
     assert str(client.get_model_version_by_alias("rapport-churn", "champion").version) == "2"
     assert str(client.get_model_version_by_alias("rapport-churn", "challenger").version) == "3"
+
     # evaluating version 2 under the default config (other windows) builds its own features
     # and reproduces its test metric; without the interactions it reads, a clear error
-    table = pipeline.evaluate_registered(
-        fast_config("churn"),
-        "models:/rapport-churn/2",
-        tx,
-        ix,
-        as_of=str(second.split.test),
-        settings=settings,
-    )
-    expected = second.metrics.loc["lightgbm", "roc_auc"]
-    assert table.loc["registered", "roc_auc"] == pytest.approx(expected, abs=1e-12)
-    with pytest.raises(ValueError, match="reads interaction features and none were given"):
-        pipeline.evaluate_registered(
+    def evaluate(interactions: Path | None) -> pd.DataFrame:
+        return pipeline.evaluate_registered(
             fast_config("churn"),
             "models:/rapport-churn/2",
             tx,
-            None,
+            interactions,
             as_of=str(second.split.test),
             settings=settings,
         )
+
+    table = evaluate(ix)
+    expected = second.metrics.loc["lightgbm", "roc_auc"]
+    assert table.loc["registered", "roc_auc"] == pytest.approx(expected, abs=1e-12)
+    with pytest.raises(ValueError, match="reads interaction features and none were given"):
+        evaluate(None)
 
 
 def test_champion_rows_rebuild_the_test_cutoff_faithfully(
