@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import duckdb
 import numpy as np
@@ -232,27 +232,54 @@ def base_aggregates(
         array per cutoff, aligned with those codes (days as days since 1970, ``_NO_DAY`` for
         none).
     """
-    raw = con.execute(defs.transaction_rows_sql()).to_arrow_table()
+    # in a list the callee empties: no local here keeps the rows alive once they are marked
+    rows = [con.execute(defs.transaction_rows_sql()).to_arrow_table()]
+    coder = _Coder(rows[0].column("customer_id"))
+    grid_ready: Future[_Grid] = Future()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        # DuckDB codes the interaction rows (it releases the GIL) while numpy works through
-        # the transactions; the connection runs one query at a time, the first one is done
-        coded = (
-            pool.submit(lambda: con.execute(defs.coded_interactions_sql(spec)).to_arrow_table())
+        # The interactions run beside the transactions, in a second thread: DuckDB codes
+        # their rows (the connection's one query at a time: the first is done) and numpy
+        # aggregates them, waiting only for the grid the transactions define. Both release
+        # the GIL for most of their work, so the two sides share the machine's cores (numpy
+        # alone uses one).
+        interactions = (
+            pool.submit(_interaction_side, con, spec, coder, grid_ready)
             if spec.interaction_pairs
             else None
         )
-        coder, present, out, grid = _transaction_aggregates(raw, spec, cutoffs)
-        if coded is not None:
-            out.update(_interaction_aggregates(coded.result(), spec, coder, grid))
+        try:
+            present, out = _transaction_aggregates(rows, coder, spec, cutoffs, grid_ready)
+        finally:
+            if not grid_ready.done():
+                # the transactions failed before their grid: the other thread must not wait
+                grid_ready.set_exception(RuntimeError("the transaction aggregates failed"))
+        if interactions is not None:
+            out.update(interactions.result())
     return coder.ids, present, out
 
 
+def _interaction_side(
+    con: duckdb.DuckDBPyConnection,
+    spec: defs.FeatureSpec,
+    coder: _Coder,
+    grid_ready: Future[_Grid],
+) -> dict[str, list[np.ndarray]]:
+    """The interaction aggregates: DuckDB's coded rows, aggregated on the transactions' grid."""
+    coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
+    return _interaction_aggregates(coded, spec, coder, grid_ready)
+
+
 def _transaction_aggregates(
-    raw: pa.Table, spec: defs.FeatureSpec, cutoffs: Sequence[dt.date]
-) -> tuple[_Coder, list[np.ndarray], dict[str, list[np.ndarray]], _Grid]:
+    rows: list[pa.Table],
+    coder: _Coder,
+    spec: defs.FeatureSpec,
+    cutoffs: Sequence[dt.date],
+    grid_ready: Future[_Grid],
+) -> tuple[list[np.ndarray], dict[str, list[np.ndarray]]]:
+    """Per-cutoff present customers and transaction aggregates; ``grid_ready`` gets the grid."""
     k = len(cutoffs)
     cutoff_days = np.array([(c - _EPOCH).days for c in cutoffs], dtype=np.int64)
-    coder = _Coder(raw.column("customer_id"))
+    raw = rows.pop()
     m = mark_purchase_days(
         coder.codes,
         _days(raw.column("day")),
@@ -267,6 +294,7 @@ def _transaction_aggregates(
     first_k[bought] = _cutoff_index(cutoff_days, m.first_day[bought])
     present = [np.flatnonzero(first_k <= j) for j in range(k)]
     grid = _Grid(n, cutoff_days, present)
+    grid_ready.set_result(grid)
     spans = [*spec.windows, *(2 * w for w in spec.windows)]
     tx = grid.rows(m.code, m.day, spans)
     buys, spent = tx.subset(m.is_purchase), m.amount[m.is_purchase]
@@ -292,7 +320,7 @@ def _transaction_aggregates(
         out[f"_spend_before_{w}d"] = _rounded([b - a for a, b in zip(now, two, strict=True)])
     for name in ("total_spend", "repeat_spend", "order_spend"):
         out[name] = _rounded(out[name])
-    return coder, present, out, grid
+    return present, out
 
 
 @dataclasses.dataclass
@@ -434,7 +462,7 @@ class _Coder:
 
 
 def _interaction_aggregates(
-    coded: pa.Table, spec: defs.FeatureSpec, coder: _Coder, grid: _Grid
+    coded: pa.Table, spec: defs.FeatureSpec, coder: _Coder, grid_ready: Future[_Grid]
 ) -> dict[str, list[np.ndarray]]:
     code = coder.code_of(coded.column("customer_id"))
     keep = np.flatnonzero(code >= 0)  # interactions of customers who never bought never count
@@ -452,6 +480,7 @@ def _interaction_aggregates(
     day = _days(coded.column("day"))[order]
     response = _flags(coded.column("is_response"))[order]
     complaint = _flags(coded.column("is_complaint"))[order]
+    grid = grid_ready.result()
     rows = grid.rows(code[order], day, spec.windows)
     del coded, code, keep, order, pair, channel
 

@@ -201,6 +201,35 @@ def test_parquet_files_with_differently_typed_ids_match_like_the_sql(tmp_path):
         )
 
 
+def test_a_failure_on_the_transaction_side_ends_the_interaction_thread(
+    tiny_tx, tiny_ix, monkeypatch
+):
+    # the interactions wait in a second thread for the grid the transactions make: when the
+    # transactions fail first, the error must come out rather than leave that thread waiting
+    import threading
+
+    from rapport.features import grid as grid_module
+
+    def broken(*args, **kwargs):
+        raise MemoryError("no room for the marks")
+
+    monkeypatch.setattr(grid_module, "mark_purchase_days", broken)
+    outcome: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            build_features(tiny_tx, tiny_ix, as_of="2024-02-29", validate=False)
+        except BaseException as err:
+            outcome.append(err)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=120)
+    assert not worker.is_alive(), "build_features hung after the transaction side failed"
+    assert len(outcome) == 1 and isinstance(outcome[0], MemoryError)
+    assert "no room for the marks" in str(outcome[0])
+
+
 def _marks_per_day(frame: pd.DataFrame) -> pd.DataFrame:
     """What the aggregates read of the marks, per (customer, day): which row of a day carries
     ``new_day`` and ``gap`` is free, their sums are not."""
