@@ -22,9 +22,11 @@ class RapportModel(PythonModel):
         self.horizon_days = model.config.horizon_days
         self.input_columns = input_columns(model)
 
-    # No type hints on purpose: MLflow would build a schema from them; the logged signature
-    # (from a real input example) is the schema.
-    def predict(self, context, model_input, params=None):  # type: ignore[no-untyped-def]
+    # A DataFrame hint is one MLflow builds no schema from (the logged signature, from a real
+    # input example, stays the schema); without a hint it warns on every import of this class.
+    def predict(
+        self, context: object, model_input: pd.DataFrame, params: dict[str, object] | None = None
+    ) -> pd.DataFrame:
         """Scores for feature rows (see :func:`rapport.training.models.score_frame`)."""
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         return score_frame(self.model, frame).reset_index(drop=True)
