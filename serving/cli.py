@@ -123,7 +123,7 @@ def demo(
             settings=train_settings,
             step=step,
         )
-        print_metrics(result.metrics, f"{task}: test cutoff {result.split.test}")
+        print_metrics(result.metrics, f"{task}: {result.split.describe()}")
         verdict = "champion" if result.promoted else "challenger only"
         console.print(
             f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason})"

@@ -36,6 +36,13 @@ from rapport.training.pipeline import TrainingResult, evaluate_registered, train
 from rapport.training.settings import TrainingSettings
 
 
+class SplitChoice(StrEnum):
+    """How training rows are split."""
+
+    time = "time"
+    customers = "customers"
+
+
 class TaskChoice(StrEnum):
     """Which model(s) to train."""
 
@@ -151,6 +158,13 @@ def train_command(
         str | None, typer.Option(help="Override the test cutoff date (YYYY-MM-DD).")
     ] = None,
     cutoffs: Annotated[int | None, typer.Option(help="Override the number of cutoffs.")] = None,
+    split: Annotated[
+        SplitChoice | None,
+        typer.Option(
+            help="Override the split: `time` (out of time, by cutoff) or `customers` (seeded "
+            "held-out customers at the last cutoff, for histories too short for `time`)."
+        ),
+    ] = None,
     seed: Annotated[int | None, typer.Option(help="Override the random seed.")] = None,
     tune_trials: Annotated[
         int | None,
@@ -184,6 +198,7 @@ def train_command(
         "horizon_days": horizon_days,
         "cutoffs.last": last_cutoff,
         "cutoffs.count": cutoffs,
+        "split.by": split.value if split is not None else None,
         "seed": seed,
         "tuning.trials": tune_trials,
     }
@@ -194,12 +209,7 @@ def train_command(
         result: TrainingResult = run_or_exit(
             partial(train, cfg, tx, ix, source=str(tx_path), settings=settings, step=step)
         )
-        split = result.split
-        print_metrics(
-            result.metrics,
-            f"{cfg.task}: test cutoff {split.test} (validation {split.valid}, "
-            f"{len(split.train)} training cutoffs)",
-        )
+        print_metrics(result.metrics, f"{cfg.task}: {result.split.describe()}")
         verdict = "[green]champion[/]" if result.promoted else "[yellow]challenger only[/]"
         console.print(
             f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason}); "

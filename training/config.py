@@ -47,13 +47,12 @@ class CutoffConfig(_Frozen):
     """Which cutoffs the training set is built at.
 
     Either ``dates`` lists them, or ``count`` month-ends ``every_months`` apart ending at
-    ``last`` (default: the latest month-end whose horizon is fully inside the data). The last
-    cutoff is the test set, the one before it whose horizon ends by the test cutoff is
-    validation, earlier ones train.
+    ``last`` (default: the latest month-end whose horizon is fully inside the data). Which
+    rows of which cutoffs train, validate and test is :class:`SplitConfig`'s.
     """
 
     dates: tuple[dt.date, ...] | None = None
-    count: int = Field(default=12, ge=3, description="Cutoffs when `dates` is not given.")
+    count: int = Field(default=12, ge=1, description="Cutoffs when `dates` is not given.")
     every_months: int = Field(default=1, ge=1, description="Months between generated cutoffs.")
     last: dt.date | None = None
 
@@ -62,9 +61,38 @@ class CutoffConfig(_Frozen):
     def _sorted_unique(cls, value: tuple[dt.date, ...] | None) -> tuple[dt.date, ...] | None:
         if value is None:
             return None
-        if len(value) < 3:
-            raise ValueError("give at least 3 cutoffs (train, validation, test)")
+        if not value:
+            raise ValueError("give at least one cutoff")
         return tuple(sorted(set(value)))
+
+    @property
+    def number(self) -> int:
+        """How many cutoffs this asks for."""
+        return len(self.dates) if self.dates is not None else self.count
+
+
+class SplitConfig(_Frozen):
+    """How the labelled rows are split into training, validation and test.
+
+    ``time`` (the default): out of time, by cutoff: the last cutoff tests, the latest one whose
+    horizon ends by it validates, earlier ones train (at least 3 cutoffs, so the history must
+    span about two horizons). ``customers``: for histories too short for that (CDNOW's 18
+    months and a 39-week horizon, or a year of data and a 365-day value horizon): a seeded
+    ``test_fraction`` of the customers, drawn from a hash of their ids, is held out at the last
+    cutoff for test and a ``valid_fraction`` for validation, and the other customers train at
+    every cutoff. Customer-disjoint but not out of time: training horizons may overlap the
+    test horizon, so a market-wide shift in that period is not tested for.
+    """
+
+    by: Literal["time", "customers"] = "time"
+    valid_fraction: float = Field(default=0.2, gt=0, lt=1)
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _room_to_train(self) -> SplitConfig:
+        if self.valid_fraction + self.test_fraction > 0.8:
+            raise ValueError("valid_fraction + test_fraction must leave at least 20% to train")
+        return self
 
 
 class GateConfig(_Frozen):
@@ -129,6 +157,7 @@ class ModelConfig(_Frozen):
     horizon_days: int = Field(gt=0)
     windows: tuple[int, ...] = (30, 90, 365)
     cutoffs: CutoffConfig = Field(default_factory=CutoffConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
     seed: int = 42
     lightgbm: LightGBMConfig = Field(default_factory=LightGBMConfig)
     #: churn: ``isotonic`` or ``sigmoid`` probability calibration on the validation cutoff.
@@ -156,6 +185,12 @@ class ModelConfig(_Frozen):
     def _consistent(self) -> ModelConfig:
         if sorted(set(self.windows)) != list(self.windows) or any(w <= 0 for w in self.windows):
             raise ValueError("windows must be positive, increasing and unique")
+        if self.split.by == "time" and self.cutoffs.number < 3:
+            field = "cutoffs.dates" if self.cutoffs.dates is not None else "cutoffs.count"
+            raise ValueError(
+                f"{field}: a time split needs at least 3 cutoffs (train, validation, test); "
+                "give more, or hold out customers instead (split: {by: customers})"
+            )
         bad = {k: v for k, v in self.monotone.items() if v not in (-1, 0, 1)}
         if bad:
             raise ValueError(f"monotone constraints must be -1, 0 or 1: {bad}")

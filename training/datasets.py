@@ -1,10 +1,13 @@
-"""Labelled training sets over several cutoffs, split out of time.
+"""Labelled training sets over several cutoffs, split out of time or by customer.
 
 A row is one (customer, cutoff): the features as of the cutoff (nothing after it) and the labels
-over the horizon after it. The split never lets training see the test horizon: the last cutoff
-is the test set; validation is the latest earlier cutoff whose horizon ends by the test cutoff;
-training uses the cutoffs before validation. (Training horizons may overlap the validation
-horizon: validation only steers early stopping and calibration, the test set is clean.)
+over the horizon after it. The time split never lets training see the test horizon: the last
+cutoff is the test set; validation is the latest earlier cutoff whose horizon ends by the test
+cutoff; training uses the cutoffs before validation. (Training horizons may overlap the
+validation horizon: validation only steers early stopping and calibration, the test set is
+clean.) The customer split, for histories too short for that, holds seeded fractions of the
+customers out at the last cutoff for validation and test, and trains on the others at every
+cutoff (see :class:`rapport.training.config.SplitConfig`).
 """
 
 from __future__ import annotations
@@ -14,12 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from rapport.features.build import build_features, build_labels, parse_cutoffs
 from rapport.features.contracts import TableSource
 from rapport.features.definitions import DEFAULT_WINDOWS
-from rapport.training.config import CutoffConfig
+from rapport.training.config import CutoffConfig, SplitConfig
 
 
 def month_end(day: dt.date) -> dt.date:
@@ -66,23 +70,79 @@ def resolve_cutoffs(
 
 
 @dataclass(frozen=True)
-class OutOfTimeSplit:
-    """Which cutoffs train, validate and test."""
+class TrainingSplit:
+    """Which rows train, validate and test.
+
+    ``by="time"``: the cutoffs ``train`` train, ``valid`` validates and ``test`` tests, every
+    customer at each. ``by="customers"``: ``valid == test`` is the last cutoff, where the
+    customers :func:`holdout_draw` puts below ``test_fraction`` test and the next
+    ``valid_fraction`` validate; the other customers train at every cutoff of ``train``.
+    """
 
     train: tuple[dt.date, ...]
     valid: dt.date
     test: dt.date
+    by: str = "time"
+    valid_fraction: float = 0.0
+    test_fraction: float = 0.0
+    seed: int = 0
 
     def role(self, as_of: dt.date) -> str:
-        """``train``, ``valid``, ``test`` or ``unused`` for one cutoff."""
+        """``train``, ``valid``, ``test`` or ``unused`` for one cutoff of a time split."""
+        if self.by != "time":
+            raise ValueError("a customer split gives roles to customers, not to cutoffs")
         if as_of == self.test:
             return "test"
         if as_of == self.valid:
             return "valid"
         return "train" if as_of in self.train else "unused"
 
+    def describe(self) -> str:
+        """One line for people: which rows test, validate and train."""
+        if self.by == "customers":
+            return (
+                f"test: {self.test_fraction:.0%} of customers held out at {self.test}, "
+                f"validation {self.valid_fraction:.0%}, the rest train at "
+                f"{len(self.train)} cutoff{'s' if len(self.train) != 1 else ''}"
+            )
+        return (
+            f"test cutoff {self.test} (validation {self.valid}, {len(self.train)} training cutoffs)"
+        )
 
-def split_cutoffs(cutoffs: Sequence[dt.date], horizon_days: int) -> OutOfTimeSplit:
+    def parts(self, frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+        """Train, validation and test rows of ``frame`` (``customer_id``, ``as_of``, ...)."""
+        as_of = pd.to_datetime(frame["as_of"]).dt.date
+        if self.by == "time":
+            train = frame[as_of.isin(self.train)]
+            valid = frame[as_of == self.valid]
+            test = frame[as_of == self.test]
+        else:
+            draw = holdout_draw(frame["customer_id"], self.seed)
+            held_out = self.test_fraction + self.valid_fraction
+            at_test = (as_of == self.test).to_numpy()
+            train = frame[(draw >= held_out) & as_of.isin(self.train).to_numpy()]
+            valid = frame[at_test & (draw >= self.test_fraction) & (draw < held_out)]
+            test = frame[at_test & (draw < self.test_fraction)]
+        for role, part in (("train", train), ("valid", valid), ("test", test)):
+            if part.empty:
+                raise ValueError(f"the {role} rows are empty ({self.describe()})")
+        return train, valid, test
+
+
+def holdout_draw(customer_id: pd.Series, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per row, fixed by the customer's id and ``seed``.
+
+    A hash (SipHash, keyed by the seed) of the id as text: the same customer draws the same
+    number at every cutoff, in every run and on every machine, and ``1`` and ``"1"`` agree.
+    """
+    key = f"rapport{seed:09d}"[-16:].rjust(16, "0")
+    codes, ids = pd.factorize(customer_id)  # each customer hashed once, not once per cutoff
+    hashed = pd.util.hash_pandas_object(pd.Series(ids).astype(str), index=False, hash_key=key)
+    draws = (hashed.to_numpy() >> np.uint64(11)).astype(np.float64) / float(2**53)
+    return draws[codes]
+
+
+def split_cutoffs(cutoffs: Sequence[dt.date], horizon_days: int) -> TrainingSplit:
     """Split sorted cutoffs out of time (see the module docstring).
 
     Raises
@@ -99,15 +159,35 @@ def split_cutoffs(cutoffs: Sequence[dt.date], horizon_days: int) -> OutOfTimeSpl
     if not eligible:
         raise ValueError(
             f"no cutoff's {horizon_days}-day horizon ends by the test cutoff {test}: "
-            f"add earlier cutoffs (have {', '.join(map(str, ordered))})"
+            f"add earlier cutoffs (have {', '.join(map(str, ordered))}), or hold out "
+            "customers instead (split: {by: customers})"
         )
     valid = eligible[-1]
     train = tuple(c for c in eligible if c < valid)
     if not train:
         raise ValueError(
-            f"no training cutoff before the validation cutoff {valid}: add earlier cutoffs"
+            f"no training cutoff before the validation cutoff {valid}: add earlier cutoffs, "
+            "or hold out customers instead (split: {by: customers})"
         )
-    return OutOfTimeSplit(train=train, valid=valid, test=test)
+    return TrainingSplit(train=train, valid=valid, test=test)
+
+
+def split_rows(
+    cutoffs: Sequence[dt.date], horizon_days: int, config: SplitConfig, seed: int
+) -> TrainingSplit:
+    """The split ``config`` asks for over ``cutoffs`` (customer draws keyed by ``seed``)."""
+    if config.by == "time":
+        return split_cutoffs(cutoffs, horizon_days)
+    ordered = tuple(sorted(set(cutoffs)))
+    return TrainingSplit(
+        train=ordered,
+        valid=ordered[-1],
+        test=ordered[-1],
+        by="customers",
+        valid_fraction=config.valid_fraction,
+        test_fraction=config.test_fraction,
+        seed=seed,
+    )
 
 
 def build_training_set(

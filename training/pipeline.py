@@ -33,10 +33,10 @@ from rapport.training import plots, tracking, tuning
 from rapport.training.btyd import ConvergenceError, ParetoNBDModel
 from rapport.training.config import GATE_METRICS, ModelConfig
 from rapport.training.datasets import (
-    OutOfTimeSplit,
+    TrainingSplit,
     build_training_set,
     resolve_cutoffs,
-    split_cutoffs,
+    split_rows,
 )
 from rapport.training.metrics import churn_metrics, value_metrics
 from rapport.training.models import (
@@ -244,7 +244,7 @@ class TrainingResult:
     promoted: bool
     gate_reason: str
     metrics: pd.DataFrame
-    split: OutOfTimeSplit
+    split: TrainingSplit
 
 
 def _score_with(config: ModelConfig) -> Callable[[Any, pd.DataFrame], float]:
@@ -312,12 +312,12 @@ def prepare_training_set(
     interactions: TableSource | None = None,
     *,
     settings: TrainingSettings | None = None,
-) -> tuple[pd.DataFrame, OutOfTimeSplit]:
+) -> tuple[pd.DataFrame, TrainingSplit]:
     """Load and validate inputs, pick cutoffs, build the labelled rows of the split.
 
     Returns
     -------
-    (pandas.DataFrame, OutOfTimeSplit)
+    (pandas.DataFrame, TrainingSplit)
         Rows at the train, validation and test cutoffs only; ``attrs["interaction_pairs"]``
         holds the ``(channel, event)`` pairs the interaction features were built from.
     """
@@ -328,8 +328,8 @@ def prepare_training_set(
     cutoffs = resolve_cutoffs(
         config.cutoffs, horizon_days=config.horizon_days, last_event_day=last_day
     )
-    split = split_cutoffs(cutoffs, config.horizon_days)
-    used = [*split.train, split.valid, split.test]
+    split = split_rows(cutoffs, config.horizon_days, config.split, config.seed)
+    used = sorted({*split.train, split.valid, split.test})
     frame = _labelled_rows(config, tx, ix, used, settings)
     frame.attrs[INTERACTION_PAIRS] = discover_interaction_pairs(ix) if ix is not None else ()
     return frame, split
@@ -366,17 +366,10 @@ def _labelled_rows(
 
 
 def split_frame(
-    frame: pd.DataFrame, split: OutOfTimeSplit
+    frame: pd.DataFrame, split: TrainingSplit
 ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Train, validation and test rows of a training set."""
-    as_of = pd.to_datetime(frame["as_of"]).dt.date
-    train = frame[as_of.isin(split.train)]
-    valid = frame[as_of == split.valid]
-    test = frame[as_of == split.test]
-    for role, part in (("train", train), ("valid", valid), ("test", test)):
-        if part.empty:
-            raise ValueError(f"the {role} cutoff(s) hold no customers")
-    return train, valid, test
+    """Train, validation and test rows of a training set (see :class:`TrainingSplit`)."""
+    return split.parts(frame)
 
 
 def train(
@@ -412,7 +405,7 @@ def train(
     experiment_id = tracking.ensure_experiment(config.experiment, settings)
     if source is None:
         source = str(transactions) if isinstance(transactions, str | Path) else "dataframe"
-    with step("Building the out-of-time training set"):
+    with step("Building the labelled training set"):
         frame, split = prepare_training_set(config, transactions, interactions, settings=settings)
         train_rows, valid_rows, test_rows = split_frame(frame, split)
         pairs = frame.attrs.get(INTERACTION_PAIRS, ())
@@ -432,6 +425,7 @@ def train(
                 "train_cutoffs": ",".join(map(str, split.train)),
                 "valid_cutoff": str(split.valid),
                 "test_cutoff": str(split.test),
+                "split": split.describe(),
                 "data_source": source,
                 "train_rows_available": rows_available,
             }

@@ -53,6 +53,16 @@ def test_config_is_frozen() -> None:
             "cutoffs: {dates: [2024-01-31, 2024-02-29]}\n",
             "cutoffs.dates",
         ),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: roc_auc}\n"
+            "cutoffs: {count: 2}\n",
+            "cutoffs.count",
+        ),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: roc_auc}\n"
+            "split: {by: customers, valid_fraction: 0.5, test_fraction: 0.5}\n",
+            "split",
+        ),
         ("task: [unclosed\n", "not valid YAML"),
     ],
 )
@@ -62,6 +72,16 @@ def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, needle: str)
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+def test_one_cutoff_is_enough_when_customers_are_held_out(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(
+        "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: roc_auc}\n"
+        "cutoffs: {dates: [2024-01-31]}\nsplit: {by: customers}\n"
+    )
+    config = load_config(path)
+    assert config.split.by == "customers" and config.cutoffs.number == 1
 
 
 def test_missing_file_is_a_config_error(tmp_path: Path) -> None:

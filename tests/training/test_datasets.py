@@ -2,15 +2,18 @@ from __future__ import annotations
 
 import datetime as dt
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from rapport.training.config import CutoffConfig
+from rapport.training.config import CutoffConfig, SplitConfig
 from rapport.training.datasets import (
     build_training_set,
+    holdout_draw,
     latest_complete_cutoff,
     resolve_cutoffs,
     split_cutoffs,
+    split_rows,
 )
 
 D = dt.date
@@ -61,6 +64,46 @@ def test_split_explains_when_cutoffs_are_too_close() -> None:
         split_cutoffs([D(2025, 1, 31), D(2025, 2, 28), D(2025, 3, 31)], horizon_days=90)
     with pytest.raises(ValueError, match="no training cutoff"):
         split_cutoffs([D(2025, 1, 31), D(2025, 5, 31), D(2025, 6, 30)], horizon_days=90)
+    with pytest.raises(ValueError, match="hold out customers instead"):
+        split_cutoffs([D(2025, 1, 31), D(2025, 2, 28), D(2025, 3, 31)], horizon_days=90)
+
+
+def test_holdout_draws_are_fixed_per_customer_and_seed() -> None:
+    ids = pd.Series(np.arange(20_000))
+    draw = holdout_draw(ids, seed=7)
+    assert ((draw >= 0) & (draw < 1)).all()
+    # uniform enough that a 20% holdout holds about 20% (4 standard errors: 0.011)
+    assert abs((draw < 0.2).mean() - 0.2) < 0.011
+    np.testing.assert_array_equal(draw, holdout_draw(ids, seed=7))
+    assert not np.array_equal(draw, holdout_draw(ids, seed=8))
+    # the same customer draws the same number at every row, as text or as a number
+    twice = holdout_draw(pd.Series([5, 9, 5, 9]), seed=7)
+    assert twice[0] == twice[2] and twice[1] == twice[3]
+    as_text = holdout_draw(pd.Series(["5", "9"]), seed=7)
+    np.testing.assert_array_equal(as_text, twice[:2])
+
+
+def test_customer_split_holds_customers_out_at_the_last_cutoff() -> None:
+    cutoffs = [D(2025, 1, 31), D(2025, 2, 28), D(2025, 3, 31)]
+    frame = pd.DataFrame(
+        {
+            "customer_id": np.tile(np.arange(3000), 3),
+            "as_of": np.repeat(pd.to_datetime(cutoffs), 3000),
+        }
+    )
+    # a time split cannot have these (a 90-day horizon): the customer split can
+    split = split_rows(cutoffs, 90, SplitConfig(by="customers", test_fraction=0.25), seed=1)
+    train, valid, test = split.parts(frame)
+    assert set(pd.to_datetime(test["as_of"]).dt.date) == {D(2025, 3, 31)}
+    assert set(pd.to_datetime(valid["as_of"]).dt.date) == {D(2025, 3, 31)}
+    assert set(pd.to_datetime(train["as_of"]).dt.date) == set(cutoffs)
+    groups = [set(part["customer_id"]) for part in (train, valid, test)]
+    assert not (groups[0] & groups[1] or groups[0] & groups[2] or groups[1] & groups[2])
+    assert len(groups[0] | groups[1] | groups[2]) == 3000  # nobody is left out
+    assert 0.22 < len(test) / 3000 < 0.28 and 0.17 < len(valid) / 3000 < 0.23
+    # a training customer trains at every cutoff
+    assert len(train) == 3 * len(groups[0])
+    assert "25% of customers held out at 2025-03-31" in split.describe()
 
 
 def test_training_rows_never_see_events_after_their_cutoff(tiny_tx_training: pd.DataFrame) -> None:
