@@ -258,6 +258,8 @@ def evaluate_command(
         console.print(f"[red]error:[/] {uri}: {err.message}")
         raise typer.Exit(code=2) from err
     print_metrics(table, f"{uri} at {as_of}")
+    if "caveat" in table.attrs:
+        console.print(f"[yellow]note:[/] {table.attrs['caveat']}")
 
 
 def models_command(

@@ -581,11 +581,14 @@ def evaluate_registered(
     Returns
     -------
     pandas.DataFrame
-        Models as rows (``registered``, and ``bgnbd`` or ``bgnbd_gg``), metrics as columns.
+        Models as rows (``registered``, and ``bgnbd`` or ``bgnbd_gg``), metrics as columns;
+        ``attrs["caveat"]`` says why the figures flatter the model, when its training saw
+        outcomes inside this cutoff's horizon (see :func:`seen_until`), else it is absent.
     """
     settings = settings or TrainingSettings()
     tracking.configure(settings)
-    model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    loaded = mlflow.pyfunc.load_model(model_uri)
+    model = loaded.unwrap_python_model()
     # the features the model was trained on (its windows and interaction pairs), whatever
     # the config at hand says: the config gives the label and horizon
     try:
@@ -614,4 +617,29 @@ def evaluate_registered(
         actual = frame[config.label].to_numpy(dtype="float64")
         rows["registered"] = value_metrics(actual, scores["predicted_value"].to_numpy())
         rows["bgnbd_gg"] = value_metrics(actual, btyd[f"btyd_value_{h}d"].to_numpy())
-    return pd.DataFrame.from_dict(rows, orient="index")
+    table = pd.DataFrame.from_dict(rows, orient="index")
+    params = mlflow.MlflowClient().get_run(loaded.metadata.run_id).data.params
+    seen = seen_until(params)
+    if seen is not None and pd.Timestamp(as_of).date() < seen:
+        table.attrs["caveat"] = (
+            f"{model_uri} saw outcomes up to {seen} while training ({params.get('split')}): "
+            f"these figures at {as_of} include what it learned from, so they flatter it; "
+            f"evaluate at {seen} or later for an out-of-sample reading"
+        )
+    return table
+
+
+def seen_until(params: dict[str, str]) -> dt.date | None:
+    """The last day of outcomes a training run's labels covered (None if not recorded).
+
+    Its training and validation cutoffs plus the horizon: a cutoff on or after it is out of
+    sample for every customer; an earlier one overlaps what the model learned from (for a
+    customer split, the training customers' outcomes at the same dates).
+    """
+    try:
+        cutoffs = [dt.date.fromisoformat(c) for c in params["train_cutoffs"].split(",")]
+        cutoffs.append(dt.date.fromisoformat(params["valid_cutoff"]))
+        horizon = int(params["horizon_days"])
+    except (KeyError, ValueError):
+        return None
+    return max(cutoffs) + dt.timedelta(days=horizon)

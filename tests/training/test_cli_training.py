@@ -70,6 +70,18 @@ def test_train_all_then_list_evaluate_and_promote(
     )  # fmt: skip
     assert evaluated.exit_code == 0, evaluated.output
     assert "registered" in evaluated.output and "bgnbd" in evaluated.output
+    assert "flatter" not in evaluated.output  # the test cutoff is out of sample
+
+    # a training cutoff is not: the command says so beside the figures
+    run = client.get_run(client.get_model_version("rapport-churn", "1").run_id)
+    first_train_cutoff = run.data.params["train_cutoffs"].split(",")[0]
+    in_sample = runner.invoke(
+        app,
+        ["evaluate", "churn", "--as-of", first_train_cutoff, "--version", "1",
+         "--config", str(fast_yaml / "churn.yaml"), *data],
+    )  # fmt: skip
+    assert in_sample.exit_code == 0, in_sample.output
+    assert "flatter" in " ".join(in_sample.output.split())
 
     promoted = runner.invoke(app, ["promote", "rapport-churn", "2"])
     assert promoted.exit_code == 0, promoted.output

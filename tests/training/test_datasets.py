@@ -141,3 +141,17 @@ def tiny_tx_training() -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=["customer_id", "timestamp", "amount"])
     df["timestamp"] = pd.to_datetime(df["timestamp"])
     return df
+
+
+def test_seen_until_is_the_last_training_or_validation_cutoff_plus_the_horizon() -> None:
+    from rapport.training.pipeline import seen_until
+
+    params = {
+        "train_cutoffs": "2025-01-31,2025-02-28",
+        "valid_cutoff": "2025-03-31",
+        "horizon_days": "30",
+    }
+    assert seen_until(params) == D(2025, 4, 30)
+    # a customer split trains at its test cutoff too
+    assert seen_until({**params, "train_cutoffs": "2025-01-31,2025-05-31"}) == D(2025, 6, 30)
+    assert seen_until({"horizon_days": "30"}) is None  # a run that did not record them
