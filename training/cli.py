@@ -125,13 +125,18 @@ def quiet_mlflow() -> None:
     warnings.filterwarnings("ignore", module=r"mlflow\..*")
 
 
+def _number_column(table: Table, header: str) -> None:
+    # a number is never cut (an 80-column terminal showed "0.7…"): the header folds instead
+    table.add_column(header, justify="right", min_width=6, overflow="fold")
+
+
 def print_metrics(table: pd.DataFrame, title: str) -> None:
     """Print a models x metrics table."""
     out = Table(title=title)
-    out.add_column("model", no_wrap=True)
+    out.add_column("model", overflow="fold")
     columns = [c for c in table.columns if c in SHORT_NAMES]
     for col in columns:
-        out.add_column(SHORT_NAMES[col], justify="right")
+        _number_column(out, SHORT_NAMES[col])
     for name, row in table.iterrows():
         out.add_row(
             str(name),
@@ -280,7 +285,12 @@ def models_command(
     ]
     out = Table(title="Registered models")
     for col in keep:
-        out.add_column(SHORT_NAMES.get(col, col), no_wrap=col in ("model", "aliases"))
+        if col in ("model", "aliases"):
+            out.add_column(col, overflow="fold")  # names fold onto a second line
+        elif col == "test_cutoff":
+            out.add_column("test cutoff", no_wrap=True, min_width=10)
+        else:
+            _number_column(out, SHORT_NAMES.get(col, col))
     for _, row in frame[keep].iterrows():
         cells = []
         for value in row:

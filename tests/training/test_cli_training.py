@@ -147,7 +147,9 @@ def test_train_reads_an_export_with_its_own_names_and_formats(
     assert run.data.params["data_source"] == str(export)
 
 
-def test_the_shipped_cdnow_config_trains_on_cdnow(home: Path, tmp_path: Path) -> None:
+def test_the_shipped_cdnow_config_trains_on_cdnow(
+    home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # 18 months of history and a 273-day horizon leave one usable cutoff: the shipped CDNOW
     # configs hold customers out there (the time split refused them with "add earlier cutoffs")
     from rapport.features.datasets import load_cdnow
@@ -172,3 +174,10 @@ def test_the_shipped_cdnow_config_trains_on_cdnow(home: Path, tmp_path: Path) ->
     # the literature's figures for this split: the model ranks churn well above chance
     assert run.data.metrics["test_roc_auc"] > 0.7
     assert run.data.params["split"].startswith("test: 20% of customers")
+
+    # on an 80-column terminal the listing shows whole numbers (it once showed "0.7…")
+    monkeypatch.setenv("COLUMNS", "80")
+    listing = runner.invoke(app, ["models"])
+    assert listing.exit_code == 0, listing.output
+    assert f"{run.data.metrics['test_roc_auc']:.4f}" in listing.output
+    assert "1997-09-30" in listing.output
