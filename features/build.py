@@ -628,8 +628,10 @@ def stream_features(
     )
     columns = defs.feature_columns(spec)
     with _bound(connection, cutoffs=cutoffs, tx=tx, ix=ix) as con:
-        reader = con.execute(defs.features_sql(spec, ordered=False)).fetch_record_batch(chunk_rows)
-        for batch in reader:
+        result = con.execute(defs.features_sql(spec, ordered=False))
+        # to_arrow_reader is duckdb 1.5's name; 1.4 has only the one it deprecates
+        fetch = getattr(result, "to_arrow_reader", None) or result.fetch_record_batch
+        for batch in fetch(chunk_rows):
             out = batch.to_pandas()
             out["as_of"] = pd.to_datetime(out["as_of"]).astype("datetime64[us]")
             yield _typed(out)[columns]

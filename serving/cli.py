@@ -47,6 +47,28 @@ app.add_typer(features_app, name="features")
 register_training_commands(app)
 
 
+ChurnModelOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="Registered churn model to use (default rapport-churn; RAPPORT_CHURN_MODEL)."
+    ),
+]
+ClvModelOpt = Annotated[
+    str | None,
+    typer.Option(help="Registered value model to use (default rapport-clv; RAPPORT_CLV_MODEL)."),
+]
+AliasOpt = Annotated[
+    str | None,
+    typer.Option(help="Registry alias of both models (default champion; RAPPORT_MODEL_ALIAS)."),
+]
+
+
+def _settings(**overrides: object) -> ServingSettings:
+    """Settings from the environment, with the options a command was given on top."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return ServingSettings(**given)  # type: ignore[arg-type]
+
+
 def _month_end_before(day: dt.date, months_back: int = 0) -> dt.date:
     first = pd.Timestamp(day).to_period("M") - months_back
     return (first.to_timestamp() - pd.Timedelta(days=1)).date()
@@ -205,7 +227,14 @@ def run_service(settings: ServingSettings, *, bento: str | None) -> int:
     console.print(f"Serving {target} on http://{settings.host}:{settings.port} (Ctrl-C stops)")
     console.print(f"OpenAPI page: http://{settings.host}:{settings.port}/  Try:")
     console.print(curl_example(settings.host, settings.port), soft_wrap=True, markup=False)
-    env = {**os.environ, "RAPPORT_HOME": str(settings.home.resolve())}
+    # the service reads its settings from the environment: the models chosen here go with it
+    env = {
+        **os.environ,
+        "RAPPORT_HOME": str(settings.home.resolve()),
+        "RAPPORT_CHURN_MODEL": settings.churn_model,
+        "RAPPORT_CLV_MODEL": settings.clv_model,
+        "RAPPORT_MODEL_ALIAS": settings.model_alias,
+    }
     try:
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
@@ -242,13 +271,19 @@ def serve(
             help="Serve the registry's current champions instead of the built Bento.",
         ),
     ] = False,
+    churn_model: ChurnModelOpt = None,
+    clv_model: ClvModelOpt = None,
+    alias: AliasOpt = None,
 ) -> None:
     """Serve the champion models on 127.0.0.1 (the built Bento if any, else the registry)."""
     if ctx.invoked_subcommand is not None:
         return
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    settings = ServingSettings(**overrides)  # type: ignore[arg-type]
-    use = None if registry or not _bento_exists(bento) else bento
+    settings = _settings(
+        host=host, port=port, churn_model=churn_model, clv_model=clv_model, model_alias=alias
+    )
+    # models named on the command line come from the registry, not a Bento pinning others
+    chosen = churn_model or clv_model or alias
+    use = None if registry or chosen or not _bento_exists(bento) else bento
     raise typer.Exit(code=run_service(settings, bento=use))
 
 
@@ -302,13 +337,16 @@ def score(
         typer.Option(help="Also write a table here (SQLAlchemy URL, e.g. postgresql+psycopg://)."),
     ] = None,
     table: Annotated[str, typer.Option(help="Table name for --db-url.")] = "rapport_scores",
+    churn_model: ChurnModelOpt = None,
+    clv_model: ClvModelOpt = None,
+    alias: AliasOpt = None,
 ) -> None:
     """Score every customer with the champion models as of a date, in chunks, to Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
     from rapport.serving.batch import score_batch, score_chunks
 
-    settings = ServingSettings()
+    settings = _settings(churn_model=churn_model, clv_model=clv_model, model_alias=alias)
     if transactions is None:
         transactions = settings.demo_dir / "transactions.parquet"
         demo_ix = settings.demo_dir / "interactions.parquet"

@@ -99,3 +99,18 @@ def test_score_command(served, tmp_path, monkeypatch):
     assert scores["churn_probability"].between(0, 1).all()
     bad = CliRunner().invoke(app, ["score", "--as-of", "31/12/2024", "--out", str(out)])
     assert bad.exit_code == 2 and "YYYY-MM-DD" in bad.output
+
+    # models chosen on the command line (a CDNOW model is not named rapport-churn)
+    other = tmp_path / "challenger.parquet"
+    chosen = CliRunner().invoke(
+        app,
+        ["score", "--as-of", served.as_of.isoformat(), "--out", str(other),
+         "--alias", "challenger", "--clv-model", "rapport-clv"],
+    )  # fmt: skip
+    assert chosen.exit_code == 0, chosen.output
+    assert (pd.read_parquet(other)["churn_model"] == "rapport-churn/1").all()
+    missing = CliRunner().invoke(
+        app, ["score", "--out", str(other), "--churn-model", "rapport-cdnow-churn"]
+    )
+    assert missing.exit_code == 2, missing.output
+    assert "rapport-cdnow-churn" in missing.output
