@@ -181,3 +181,16 @@ def test_the_shipped_cdnow_config_trains_on_cdnow(
     assert listing.exit_code == 0, listing.output
     assert f"{run.data.metrics['test_roc_auc']:.4f}" in listing.output
     assert "1997-09-30" in listing.output
+
+
+def test_split_flag_holds_customers_out(
+    home: Path, fast_yaml: Path, small_world: dict[str, Path]
+) -> None:
+    result = runner.invoke(
+        app,
+        ["train", "churn", "--config", str(fast_yaml / "churn.yaml"), "--split", "customers",
+         "--cutoffs", "2", "--transactions", str(small_world["transactions"])],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # two cutoffs are too few for a time split, enough when customers are held out
+    assert "20% of customers held out" in " ".join(result.output.split())
