@@ -412,3 +412,33 @@ def is_validated(df: pd.DataFrame, kind: TableKind) -> bool:
         and all(c in df.columns for c in schema.required)
         and df["timestamp"].dtype == np.dtype("datetime64[us]")
     )
+
+
+#: Parquet key-value metadata marking a file Rapport wrote in a contract (validated and
+#: deduplicated, times naive UTC, labels normalised): the value is the table kind.
+CONTRACT_KEY = b"rapport.contract"
+
+
+def contract_metadata(kind: TableKind) -> dict[bytes, bytes]:
+    """Schema metadata to write on a Parquet file that holds ``kind`` rows in the contract."""
+    return {CONTRACT_KEY: kind.encode()}
+
+
+def is_contract_parquet(path: str | os.PathLike[str], kind: TableKind) -> bool:
+    """Whether ``path`` is a Parquet file Rapport wrote in the ``kind`` contract.
+
+    Only then may a reader scan it as it is. Any other file, a user's own Parquet included,
+    goes through :func:`validate_table`: nothing in a file's schema shows duplicate rows,
+    labels in other cases or times in another zone.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    if path.suffix != ".parquet" or not path.is_file():
+        return False
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return metadata.get(CONTRACT_KEY) == kind.encode()

@@ -39,6 +39,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rapport.features.contracts import contract_metadata
+
 __all__ = [
     "INTERACTION_CHANNELS",
     "INTERACTION_EVENTS",
@@ -78,13 +80,15 @@ _US_PER_SECOND = 1_000_000
 # Largest within-customer sort fraction: keeps ``owner + u`` strictly below ``owner + 1``.
 _MAX_FRACTION = 1.0 - 1e-9
 
+# marked as in the contract: generated rows are unique, naive UTC and lower-case already
 _TRANSACTION_SCHEMA = pa.schema(
     [
         ("customer_id", pa.int64()),
         ("timestamp", pa.timestamp("us")),
         ("amount", pa.float64()),
         ("order_id", pa.int64()),
-    ]
+    ],
+    metadata=contract_metadata("transactions"),
 )
 _INTERACTION_SCHEMA = pa.schema(
     [
@@ -92,7 +96,8 @@ _INTERACTION_SCHEMA = pa.schema(
         ("timestamp", pa.timestamp("us")),
         ("channel", pa.dictionary(pa.int8(), pa.string())),
         ("event", pa.dictionary(pa.int8(), pa.string())),
-    ]
+    ],
+    metadata=contract_metadata("interactions"),
 )
 
 

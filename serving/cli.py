@@ -18,15 +18,21 @@ import typer
 
 from rapport.features.build import build_features, build_labels, connect
 from rapport.features.cli import (
+    DecimalCommaOpt,
+    FormatOpt,
+    IxColumnsOpt,
+    IxFormatOpt,
+    TxColumnsOpt,
     console,
     data_app,
     features_app,
+    load_inputs,
     print_feature_summary,
     run_or_exit,
     step,
     write_parquet_atomic,
 )
-from rapport.features.contracts import load_interactions, load_transactions
+from rapport.features.contracts import is_contract_parquet, load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
 from rapport.serving.scoring import Scorer
 from rapport.serving.settings import ServingSettings
@@ -340,6 +346,11 @@ def score(
     churn_model: ChurnModelOpt = None,
     clv_model: ClvModelOpt = None,
     alias: AliasOpt = None,
+    tx_columns: TxColumnsOpt = "",
+    ix_columns: IxColumnsOpt = "",
+    timestamp_format: FormatOpt = None,
+    ix_timestamp_format: IxFormatOpt = None,
+    decimal_comma: DecimalCommaOpt = False,
 ) -> None:
     """Score every customer with the champion models as of a date, in chunks, to Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
@@ -355,19 +366,40 @@ def score(
             console.print("[red]error:[/] no --transactions and no demo data: run `rapport demo`")
             raise typer.Exit(code=2)
     scorer = _load_scorer(settings)
-    cutoff = _parse_day(as_of) if as_of else _last_day(transactions)
-    out = out or settings.home / "scores.parquet"
-    parquet_fast = transactions.suffix == ".parquet" and (
-        interactions is None or interactions.suffix == ".parquet"
+    given_day = _parse_day(as_of) if as_of else None
+    customised = any((tx_columns, ix_columns, timestamp_format, ix_timestamp_format, decimal_comma))
+    # Parquet that Rapport wrote in the contract (the demo, `rapport data synth`) is scanned
+    # by DuckDB as it is; anything else is loaded and validated first, as training does
+    in_contract = (
+        not customised
+        and is_contract_parquet(transactions, "transactions")
+        and (interactions is None or is_contract_parquet(interactions, "interactions"))
     )
+    tx: Path | pd.DataFrame
+    ix: Path | pd.DataFrame | None
+    if in_contract:
+        tx, ix = transactions, interactions
+        cutoff = given_day or _last_day(transactions)
+    else:
+        tx_frame, ix = load_inputs(
+            transactions,
+            interactions,
+            tx_columns=tx_columns,
+            ix_columns=ix_columns,
+            timestamp_format=timestamp_format,
+            ix_timestamp_format=ix_timestamp_format,
+            decimal_comma=decimal_comma,
+        )
+        tx = tx_frame
+        cutoff = given_day or pd.Timestamp(tx_frame["timestamp"].max()).date()
+    out = out or settings.home / "scores.parquet"
     chunks = score_chunks(
-        transactions,
-        interactions,
+        tx,
+        ix,
         as_of=cutoff,
         scorer=scorer,
         chunk_rows=chunk_rows,
-        # Parquet written by Rapport is already in the contract: let DuckDB scan it.
-        validate=not parquet_fast,
+        validate=False,
         duckdb_threads=settings.duckdb_threads,
         duckdb_memory_limit=settings.duckdb_memory_limit,
     )
@@ -403,14 +435,12 @@ def _parse_day(text: str) -> dt.date:
 
 
 def _last_day(transactions: Path) -> dt.date:
+    """The last transaction day of a Parquet file in the contract (naive UTC times)."""
     import duckdb
 
-    if transactions.suffix == ".parquet":
-        path = str(transactions).replace("'", "''")
-        row = duckdb.sql(f"SELECT max(timestamp) FROM read_parquet('{path}')").fetchone()
-        return pd.Timestamp(row[0]).date() if row else dt.date.today()
-    tx = load_transactions(transactions)
-    return pd.Timestamp(tx["timestamp"].max()).date()
+    path = str(transactions).replace("'", "''")
+    row = duckdb.sql(f"SELECT max(timestamp) FROM read_parquet('{path}')").fetchone()
+    return pd.Timestamp(row[0]).date() if row and row[0] is not None else dt.date.today()
 
 
 def main() -> None:

@@ -210,3 +210,19 @@ def test_amounts_with_a_decimal_comma(tmp_path):
     assert tx["amount"].tolist() == [12.5, 1234.0, 7.0]
     # only the amount is read with the comma: dotted dates keep their meaning
     assert tx["timestamp"].dt.month.tolist() == [1, 2, 2]
+
+
+def test_only_parquet_rapport_wrote_in_the_contract_counts_as_in_it(tmp_path):
+    from rapport.features.contracts import is_contract_parquet
+    from rapport.features.synthetic import SyntheticConfig, write_synthetic
+
+    world = write_synthetic(SyntheticConfig(n_customers=50, seed=2), tmp_path / "world")
+    assert is_contract_parquet(world.transactions_path, "transactions")
+    assert is_contract_parquet(world.interactions_path, "interactions")
+    assert not is_contract_parquet(world.transactions_path, "interactions")
+    # the same rows written by someone else carry no promise: they are validated
+    pd.read_parquet(world.transactions_path).to_parquet(tmp_path / "copy.parquet")
+    assert not is_contract_parquet(tmp_path / "copy.parquet", "transactions")
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    assert not is_contract_parquet(tmp_path / "broken.parquet", "transactions")
+    assert not is_contract_parquet(tmp_path / "missing.parquet", "transactions")

@@ -109,6 +109,30 @@ def test_score_command(served, tmp_path, monkeypatch):
     )  # fmt: skip
     assert chosen.exit_code == 0, chosen.output
     assert (pd.read_parquet(other)["churn_model"] == "rapport-churn/1").all()
+
+    # a user's own Parquet is validated like any other input, not scanned as it is: times in
+    # another zone are converted, and a missing id is an error naming the column
+    tx = pd.read_parquet(served.transactions)
+    tx["timestamp"] = tx["timestamp"].dt.tz_localize("UTC").dt.tz_convert("Europe/Berlin")
+    own = tmp_path / "own.parquet"
+    tx.to_parquet(own)
+    converted = CliRunner().invoke(
+        app, ["score", "-t", str(own), "-i", str(served.interactions), "--out", str(other),
+              "--as-of", served.as_of.isoformat()],
+    )  # fmt: skip
+    assert converted.exit_code == 0, converted.output
+
+    def by_id(path):
+        return pd.read_parquet(path).sort_values("customer_id").reset_index(drop=True)
+
+    pd.testing.assert_frame_equal(by_id(other), by_id(out))
+    tx["customer_id"] = tx["customer_id"].astype("float64")
+    tx.loc[3, "customer_id"] = None
+    tx.to_parquet(own)
+    broken = CliRunner().invoke(app, ["score", "-t", str(own), "--out", str(other)])
+    assert broken.exit_code == 2, broken.output
+    assert "customer_id" in broken.output
+
     missing = CliRunner().invoke(
         app, ["score", "--out", str(other), "--churn-model", "rapport-cdnow-churn"]
     )
