@@ -133,7 +133,7 @@ def _number_column(table: Table, header: str) -> None:
 def print_metrics(table: pd.DataFrame, title: str) -> None:
     """Print a models x metrics table."""
     out = Table(title=title)
-    out.add_column("model", overflow="fold")
+    out.add_column("model", no_wrap=True)
     columns = [c for c in table.columns if c in SHORT_NAMES]
     for col in columns:
         _number_column(out, SHORT_NAMES[col])
@@ -285,19 +285,23 @@ def models_command(
     ]
     out = Table(title="Registered models")
     for col in keep:
-        if col in ("model", "aliases"):
-            out.add_column(col, overflow="fold")  # names fold onto a second line
+        if col == "model":
+            out.add_column(col, no_wrap=True)  # whole names: people copy them into commands
+        elif col == "version":
+            out.add_column("v", justify="right", no_wrap=True)
+        elif col == "aliases":
+            out.add_column(col, overflow="fold")  # wraps between aliases, folds a long one
         elif col == "test_cutoff":
             out.add_column("test cutoff", no_wrap=True, min_width=10)
         else:
             _number_column(out, SHORT_NAMES.get(col, col))
     for _, row in frame[keep].iterrows():
         cells = []
-        for value in row:
+        for name, value in zip(keep, row, strict=True):
             if isinstance(value, float):
                 cells.append(f"{value:.4f}" if math.isfinite(value) else "")
             else:
-                cells.append(str(value))
+                cells.append(str(value).replace(",", ", ") if name == "aliases" else str(value))
         out.add_row(*cells)
     console.print(out)
 

@@ -87,6 +87,10 @@ class SplitConfig(_Frozen):
     by: Literal["time", "customers"] = "time"
     valid_fraction: float = Field(default=0.2, gt=0, lt=1)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    #: Keys the customers' draw. Its own, not the model's ``seed``: a retrain with another
+    #: seed keeps the held-out customers, so the gate scores the champion on customers
+    #: neither model trained on.
+    holdout_seed: int = 0
 
     @model_validator(mode="after")
     def _room_to_train(self) -> SplitConfig:

@@ -172,10 +172,8 @@ def split_cutoffs(cutoffs: Sequence[dt.date], horizon_days: int) -> TrainingSpli
     return TrainingSplit(train=train, valid=valid, test=test)
 
 
-def split_rows(
-    cutoffs: Sequence[dt.date], horizon_days: int, config: SplitConfig, seed: int
-) -> TrainingSplit:
-    """The split ``config`` asks for over ``cutoffs`` (customer draws keyed by ``seed``)."""
+def split_rows(cutoffs: Sequence[dt.date], horizon_days: int, config: SplitConfig) -> TrainingSplit:
+    """The split ``config`` asks for over ``cutoffs``."""
     if config.by == "time":
         return split_cutoffs(cutoffs, horizon_days)
     ordered = tuple(sorted(set(cutoffs)))
@@ -186,7 +184,7 @@ def split_rows(
         by="customers",
         valid_fraction=config.valid_fraction,
         test_fraction=config.test_fraction,
-        seed=seed,
+        seed=config.holdout_seed,
     )
 
 

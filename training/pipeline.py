@@ -328,7 +328,7 @@ def prepare_training_set(
     cutoffs = resolve_cutoffs(
         config.cutoffs, horizon_days=config.horizon_days, last_event_day=last_day
     )
-    split = split_rows(cutoffs, config.horizon_days, config.split, config.seed)
+    split = split_rows(cutoffs, config.horizon_days, config.split)
     used = sorted({*split.train, split.valid, split.test})
     frame = _labelled_rows(config, tx, ix, used, settings)
     frame.attrs[INTERACTION_PAIRS] = discover_interaction_pairs(ix) if ix is not None else ()

@@ -92,7 +92,8 @@ def test_customer_split_holds_customers_out_at_the_last_cutoff() -> None:
         }
     )
     # a time split cannot have these (a 90-day horizon): the customer split can
-    split = split_rows(cutoffs, 90, SplitConfig(by="customers", test_fraction=0.25), seed=1)
+    config = SplitConfig(by="customers", test_fraction=0.25, holdout_seed=1)
+    split = split_rows(cutoffs, 90, config)
     train, valid, test = split.parts(frame)
     assert set(pd.to_datetime(test["as_of"]).dt.date) == {D(2025, 3, 31)}
     assert set(pd.to_datetime(valid["as_of"]).dt.date) == {D(2025, 3, 31)}
@@ -155,3 +156,19 @@ def test_seen_until_is_the_last_training_or_validation_cutoff_plus_the_horizon()
     # a customer split trains at its test cutoff too
     assert seen_until({**params, "train_cutoffs": "2025-01-31,2025-05-31"}) == D(2025, 6, 30)
     assert seen_until({"horizon_days": "30"}) is None  # a run that did not record them
+
+
+def test_a_retrain_with_another_seed_holds_out_the_same_customers(small_world) -> None:
+    # the gate scores the champion on the challenger's test rows: they must be customers the
+    # champion did not train on either, so the draw is keyed by split.holdout_seed, not seed
+    from rapport.training.config import load_config
+    from rapport.training.pipeline import prepare_training_set, split_frame
+
+    tests = []
+    for seed in (1, 2):
+        config = load_config("churn", {"split.by": "customers", "cutoffs.count": 2, "seed": seed})
+        frame, split = prepare_training_set(config, small_world["transactions"])
+        tests.append(set(split_frame(frame, split)[2]["customer_id"]))
+    assert tests[0] == tests[1] and len(tests[0]) > 50
+    other = load_config("churn", {"split.by": "customers", "split.holdout_seed": 5})
+    assert other.split.holdout_seed == 5
