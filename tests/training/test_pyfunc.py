@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import warnings
+
+from mlflow.pyfunc import PythonModel
+
+from rapport.training.pyfunc import RapportModel
 
 
-def test_importing_the_wrapper_prints_no_mlflow_warning():
-    # every rapport command imports it: an unannotated predict made MLflow print a yellow
-    # "Add type hints to the `predict` method" warning before each command's own output
-    done = subprocess.run(
-        [sys.executable, "-W", "always", "-c", "import rapport.training.pyfunc"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "predict" not in done.stderr, done.stderr
+def test_the_wrappers_predict_gives_mlflow_nothing_to_warn_about():
+    # every rapport command imports the wrapper: an unannotated predict made MLflow print a
+    # yellow "Add type hints to the `predict` method" warning before each command's output.
+    # MLflow checks a class's own predict when the class is made: make one around ours.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        type("Probe", (PythonModel,), {"predict": RapportModel.predict, "__module__": "probe"})
+    assert not [w for w in caught if "predict" in str(w.message)]
