@@ -725,8 +725,9 @@ def build_labels(
         if late:
             raise ValueError(
                 f"as_of {late[0]} + {horizon_days} days runs past the last transaction day "
-                f"{last_day}: the labels would be censored (pass allow_incomplete=True to "
-                "accept that)"
+                f"{last_day}: the labels would be censored. The latest cutoff with its whole "
+                f"horizon in the data is {last_day - dt.timedelta(days=int(horizon_days))} "
+                "(build_labels(..., allow_incomplete=True) accepts censored labels)"
             )
     out = _frame(_run(defs.labels_sql(horizon_days), cutoffs=cutoffs, tx=tx, connection=connection))
     return out

@@ -156,8 +156,11 @@ def test_labels_hand_computed(tiny_tx):
 
 
 def test_labels_refuse_a_censored_horizon(tiny_tx):
-    with pytest.raises(ValueError, match="censored"):
+    with pytest.raises(ValueError, match="censored") as info:
         build_labels(tiny_tx, as_of=AS_OF, horizon_days=60)
+    # the error names the latest cutoff that works: the last transaction day less 60 days
+    last_day = pd.Timestamp(tiny_tx["timestamp"].max()).date()
+    assert f"whole horizon in the data is {last_day - dt.timedelta(days=60)}" in str(info.value)
     labels = build_labels(tiny_tx, as_of=AS_OF, horizon_days=60, allow_incomplete=True)
     assert len(labels) == 2
 
