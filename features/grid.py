@@ -243,7 +243,7 @@ def base_aggregates(
         # the GIL for most of their work, so the two sides share the machine's cores (numpy
         # alone uses one).
         interactions = (
-            pool.submit(_interaction_side, con, spec, coder, grid_ready)
+            pool.submit(_interaction_aggregates, con, spec, coder, grid_ready)
             if spec.interaction_pairs
             else None
         )
@@ -256,17 +256,6 @@ def base_aggregates(
         if interactions is not None:
             out.update(interactions.result())
     return coder.ids, present, out
-
-
-def _interaction_side(
-    con: duckdb.DuckDBPyConnection,
-    spec: defs.FeatureSpec,
-    coder: _Coder,
-    grid_ready: Future[_Grid],
-) -> dict[str, list[np.ndarray]]:
-    """The interaction aggregates: DuckDB's coded rows, aggregated on the transactions' grid."""
-    coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
-    return _interaction_aggregates(coded, spec, coder, grid_ready)
 
 
 def _transaction_aggregates(
@@ -462,8 +451,17 @@ class _Coder:
 
 
 def _interaction_aggregates(
-    coded: pa.Table, spec: defs.FeatureSpec, coder: _Coder, grid_ready: Future[_Grid]
+    con: duckdb.DuckDBPyConnection,
+    spec: defs.FeatureSpec,
+    coder: _Coder,
+    grid_ready: Future[_Grid],
 ) -> dict[str, list[np.ndarray]]:
+    """The interaction aggregates: DuckDB's coded rows, aggregated on the transactions' grid.
+
+    The rows are fetched here, a local freed once sorted: a caller holding them would keep
+    them alive through every aggregate.
+    """
+    coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     code = coder.code_of(coded.column("customer_id"))
     keep = np.flatnonzero(code >= 0)  # interactions of customers who never bought never count
     n_pairs, n_channels = len(spec.interaction_pairs), len(spec.channels)
