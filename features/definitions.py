@@ -322,18 +322,6 @@ def transaction_rows_sql() -> str:
     return f"WITH{_tx_rows_sql()} SELECT customer_id, day, amount, is_purchase FROM tx_rows"
 
 
-def marked_transactions_sql() -> str:
-    """Transaction rows up to the last cutoff with their cutoff-free marks.
-
-    Columns ``customer_id``, ``day``, ``amount``, ``is_purchase``, ``new_day``, ``gap``,
-    ``repeat_day`` (see :func:`_rows_sql`); reads ``tx`` and ``cutoffs``.
-    """
-    return (
-        f"WITH{_rows_sql()} "
-        "SELECT customer_id, day, amount, is_purchase, new_day, gap, repeat_day FROM tx_marked"
-    )
-
-
 def coded_interactions_sql(spec: FeatureSpec) -> str:
     """Interaction rows up to the last cutoff, coded as the aggregates read them.
 

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rapport.features import definitions as defs
-from rapport.features.build import build_features, connect, iter_features
+from rapport.features.build import build_features, iter_features
 from rapport.features.contracts import validate_table
-from rapport.features.grid import _Coder, mark_purchase_days
+from rapport.features.grid import _Coder
 from rapport.features.segments import _below_within
 from rapport.features.synthetic import SyntheticConfig, generate_synthetic
 
@@ -204,16 +204,16 @@ def test_parquet_files_with_differently_typed_ids_match_like_the_sql(tmp_path):
 def test_a_failure_on_the_transaction_side_ends_the_interaction_thread(
     tiny_tx, tiny_ix, monkeypatch
 ):
-    # the interactions wait in a second thread for the grid the transactions make: when the
-    # transactions fail first, the error must come out rather than leave that thread waiting
+    # the interactions are read and aggregated in a second thread: when the transactions
+    # fail, the error must come out rather than leave that thread running or waiting
     import threading
 
-    from rapport.features import grid as grid_module
+    from rapport.features import kernels
 
     def broken(*args, **kwargs):
-        raise MemoryError("no room for the marks")
+        raise MemoryError("no room for the aggregates")
 
-    monkeypatch.setattr(grid_module, "mark_purchase_days", broken)
+    monkeypatch.setattr(kernels, "transaction_kernel", broken)
     outcome: list[BaseException] = []
 
     def run() -> None:
@@ -227,66 +227,28 @@ def test_a_failure_on_the_transaction_side_ends_the_interaction_thread(
     worker.join(timeout=120)
     assert not worker.is_alive(), "build_features hung after the transaction side failed"
     assert len(outcome) == 1 and isinstance(outcome[0], MemoryError)
-    assert "no room for the marks" in str(outcome[0])
+    assert "no room for the aggregates" in str(outcome[0])
 
 
-def _marks_per_day(frame: pd.DataFrame) -> pd.DataFrame:
-    """What the aggregates read of the marks, per (customer, day): which row of a day carries
-    ``new_day`` and ``gap`` is free, their sums are not."""
-    repeat = frame["repeat_day"].fillna(False).astype(bool)  # NULL in SQL before a purchase
-    frame = frame.assign(
-        new_day=frame["new_day"].astype(int),
-        repeat_day=repeat.astype(int),
-        repeat_spend=frame["amount"].where(repeat, 0.0),
-        gap=frame["gap"].fillna(0.0),
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(-3, 3), st.booleans()), min_size=0, max_size=60
+    ),
+)
+def test_kernel_grouping_is_a_stable_sort_by_customer_day_and_refund(rows):
+    """The order the transaction kernel reads rows in: by (code, day, refund), ties kept."""
+    from rapport.features import kernels
+
+    code = np.array([c for c, _, _ in rows], dtype=np.int64)
+    day = np.array([d for _, d, _ in rows], dtype=np.int32)
+    refund = np.array([r for _, _, r in rows], dtype=bool)
+    expected = np.lexsort((refund, day, code))
+    assert kernels.is_grouped(code, day, refund) == bool(
+        np.array_equal(expected, np.arange(len(rows)))
     )
-    sums = frame.groupby(["customer_id", "day"])[["new_day", "repeat_day", "repeat_spend", "gap"]]
-    return sums.sum().sort_index()
-
-
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=tx_events, seed=st.integers(0, 2**16))
-def test_numpy_marks_equal_the_sql_window_pass(rows, seed):
-    """The purchase-day marks, from shuffled rows, equal the SQL's ``tx_marked``."""
-    tx = pd.DataFrame(
-        {
-            "customer_id": [c for c, _, _ in rows],
-            "timestamp": [
-                START + pd.Timedelta(days=d, hours=h) for h, (_, d, _) in enumerate(rows)
-            ],
-            "amount": [a for _, _, a in rows],
-        }
-    ).sample(frac=1.0, random_state=seed)
-    with connect() as con:
-        con.register("tx", tx)
-        con.execute("CREATE TABLE cutoffs AS SELECT DATE '2030-01-01' AS as_of")
-        sql = con.execute(defs.marked_transactions_sql()).df()
-        raw = con.execute(defs.transaction_rows_sql()).to_arrow_table()
-    coder = _Coder(raw.column("customer_id"))
-    m = mark_purchase_days(
-        coder.codes,
-        raw.column("day").cast("int32").to_numpy(),
-        raw.column("amount").to_numpy(),
-        raw.column("is_purchase").to_numpy(zero_copy_only=False),
-    )
-    gap = np.full(len(m.code), np.nan)
-    gap[m.gap_rows] = m.gap_days
-    ours = pd.DataFrame(
-        {
-            "customer_id": coder.ids.take(m.code),
-            "day": pd.to_datetime(m.day, unit="D"),
-            "amount": m.amount,
-            "new_day": m.new_day,
-            "repeat_day": m.repeat_day,
-            "gap": gap,
-        }
-    )
-    sql["day"] = pd.to_datetime(sql["day"])
-    expected = _marks_per_day(sql)
-    pd.testing.assert_frame_equal(_marks_per_day(ours), expected, check_dtype=False)
-    # rows come out grouped by customer and day, a day's purchases before its refunds
-    key = np.lexsort((m.amount < 0, m.day, m.code))
-    np.testing.assert_array_equal(key, np.arange(len(key)))
+    order = kernels.group_order(code, day, refund, int(code.max()) + 1 if len(rows) else 0)
+    np.testing.assert_array_equal(order, expected)
 
 
 @pytest.mark.parametrize(

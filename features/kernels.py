@@ -1,0 +1,314 @@
+"""Compiled single-pass kernels behind the grid engine (:mod:`rapport.features.grid`).
+
+Each kernel reads the event rows once and writes every base aggregate of every (customer,
+cutoff) straight into its place in the output: no temporary array per aggregate, window or
+mark, which on this class of machine cost more in fresh memory pages than in arithmetic.
+numba compiles them on first use and caches the machine code beside this file.
+
+The outputs are matrices, one row per aggregate and one column per feature row of the batch
+of cutoffs (cutoff by cutoff, customers in code order): the layout of
+:func:`rapport.features.grid.grid_tables`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NO_DAY = np.iinfo(np.int32).min
+NO_PURCHASE = np.iinfo(np.int32).max
+
+
+@njit(cache=True, nogil=True)
+def _before(code: np.ndarray, day: np.ndarray, refund: np.ndarray, a: int, b: int) -> bool:
+    """Whether row ``a`` sorts strictly before row ``b`` by (code, day, refund)."""
+    if code[a] != code[b]:
+        return bool(code[a] < code[b])
+    if day[a] != day[b]:
+        return bool(day[a] < day[b])
+    return bool(refund[a] < refund[b])
+
+
+@njit(cache=True, nogil=True)
+def is_grouped(code: np.ndarray, day: np.ndarray, refund: np.ndarray) -> bool:
+    """Whether the rows come ordered by (code, day, refund)."""
+    # a plain loop: numba compiles no generator expression inside all()
+    for i in range(1, len(code)):  # noqa: SIM110
+        if _before(code, day, refund, i, i - 1):
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def group_order(code: np.ndarray, day: np.ndarray, refund: np.ndarray, n: int) -> np.ndarray:
+    """A stable order of the rows by (code, day, refund).
+
+    A counting sort by code (one pass to count, one to place), then each customer's rows
+    sorted by (day, refund) where they are not in that order already: exports mostly come
+    grouped, or at least in time order, so the second step rarely sorts anything.
+    """
+    starts = np.zeros(n + 1, dtype=np.int64)
+    for i in range(len(code)):
+        starts[code[i] + 1] += 1
+    for c in range(n):
+        starts[c + 1] += starts[c]
+    fill = starts[:-1].copy()
+    order = np.empty(len(code), dtype=np.int64)
+    for i in range(len(code)):
+        c = code[i]
+        order[fill[c]] = i
+        fill[c] += 1
+    for c in range(n):
+        lo, hi = starts[c], starts[c + 1]
+        ordered = True
+        for i in range(lo + 1, hi):
+            if _before(code, day, refund, order[i], order[i - 1]):
+                ordered = False
+                break
+        if not ordered:
+            segment = order[lo:hi].copy()
+            key = day[segment].astype(np.int64) * 2 + refund[segment]
+            order[lo:hi] = segment[np.argsort(key, kind="mergesort")]
+    return order
+
+
+@njit(cache=True, nogil=True)
+def positions(first_k: np.ndarray, j0: int, j1: int, offsets: np.ndarray) -> np.ndarray:
+    """Each customer's column at each cutoff ``j0 <= j < j1`` (-1 where it has none).
+
+    A customer has a column from its first cutoff ``first_k`` on, the columns of a cutoff
+    following customer codes.
+    """
+    out = np.full((j1 - j0, len(first_k)), -1, dtype=np.int64)
+    nxt = offsets[:-1].copy()
+    for c in range(len(first_k)):
+        for j in range(max(first_k[c], j0), j1):
+            out[j - j0, c] = nxt[j - j0]
+            nxt[j - j0] += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def first_purchase_days(
+    code: np.ndarray, day: np.ndarray, is_purchase: np.ndarray, n: int
+) -> np.ndarray:  # pragma: no cover - compiled
+    """Each customer's first purchase day, ``NO_PURCHASE`` for none."""
+    first = np.full(n, NO_PURCHASE, dtype=np.int32)
+    for i in range(len(code)):
+        if is_purchase[i] and day[i] < first[code[i]]:
+            first[code[i]] = day[i]
+    return first
+
+
+@njit(cache=True, nogil=True)
+def _at(order: np.ndarray, i: int) -> int:
+    """Row ``i`` of ``order``; ``i`` itself when there is no order (the rows come grouped)."""
+    return i if len(order) == 0 else int(order[i])
+
+
+@njit(cache=True, nogil=True)
+def transaction_kernel(
+    code: np.ndarray,
+    day: np.ndarray,
+    amount: np.ndarray,
+    is_purchase: np.ndarray,
+    order: np.ndarray,
+    first_k: np.ndarray,
+    cutoff_days: np.ndarray,
+    spans: np.ndarray,
+    j0: int,
+    j1: int,
+    offsets: np.ndarray,
+    ints: np.ndarray,
+    floats: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """The transaction aggregates of cutoffs ``j0 <= j < j1``.
+
+    Rows are read in ``order`` (in the order they come when it is empty), which must group
+    them by code, then day, a day's purchases before its refunds. Each
+    customer's rows are walked once while the cutoffs advance; the purchase-day marks of
+    :func:`rapport.features.definitions._rows_sql` are made on the way (a new purchase day,
+    its gap from the one before, repeat-day rows) and window sums are differences of the
+    customer's running sums, found by one trailing pointer per span.
+
+    ``ints`` rows: first_day, last_day, purchase days, purchase rows, then purchase rows per
+    span; ``floats`` rows: total, repeat-day, order spend, order spend squared, squared gaps,
+    then spend per span. Column ``offsets[j - j0] + r`` is the ``r``-th present customer of
+    cutoff ``j``.
+    """
+    n_spans = len(spans)
+    nxt = offsets[:-1].copy()
+    n_rows = len(code)
+    m_max = 0
+    i = 0
+    while i < n_rows:
+        e = i
+        while e < n_rows and code[_at(order, e)] == code[_at(order, i)]:
+            e += 1
+        m_max = max(m_max, e - i)
+        i = e
+    run_buys = np.zeros(m_max + 1, dtype=np.int64)
+    run_spend = np.zeros(m_max + 1, dtype=np.float64)
+    trail = np.zeros(n_spans, dtype=np.int64)
+    s = 0
+    while s < n_rows:
+        c = code[_at(order, s)]
+        e = s
+        while e < n_rows and code[_at(order, e)] == c:
+            e += 1
+        fk = first_k[c]
+        if fk < j1:
+            first = NO_PURCHASE
+            prev_buy = NO_DAY
+            last = NO_DAY
+            n_days = 0
+            n_buys = 0
+            total = 0.0
+            repeat = 0.0
+            order_spend = 0.0
+            order_sq = 0.0
+            gap_sq = 0.0
+            for t in range(n_spans):
+                trail[t] = s
+            i = s
+            for j in range(max(fk, j0), j1):
+                cj = cutoff_days[j]
+                while i < e and day[_at(order, i)] <= cj:
+                    r = _at(order, i)
+                    d = day[r]
+                    a = amount[r]
+                    if is_purchase[r]:
+                        if first == NO_PURCHASE:
+                            first = d
+                        if prev_buy != d:
+                            n_days += 1
+                            if prev_buy != NO_DAY:
+                                g = float(d - prev_buy)
+                                gap_sq += g * g
+                        prev_buy = d
+                        last = d
+                        n_buys += 1
+                        order_spend += a
+                        order_sq += a * a
+                        if d > first:
+                            repeat += a
+                    elif first != NO_PURCHASE and d > first and prev_buy == d:
+                        repeat += a
+                    total += a
+                    run_buys[i - s + 1] = n_buys
+                    run_spend[i - s + 1] = total
+                    i += 1
+                col = nxt[j - j0]
+                nxt[j - j0] += 1
+                ints[0, col] = first
+                ints[1, col] = last
+                ints[2, col] = n_days
+                ints[3, col] = n_buys
+                floats[0, col] = total
+                floats[1, col] = repeat
+                floats[2, col] = order_spend
+                floats[3, col] = order_sq
+                floats[4, col] = gap_sq
+                for t in range(n_spans):
+                    edge = cj - spans[t]
+                    while trail[t] < i and day[_at(order, trail[t])] <= edge:
+                        trail[t] += 1
+                    lo = trail[t] - s
+                    ints[4 + t, col] = n_buys - run_buys[lo]
+                    floats[5 + t, col] = total - run_spend[lo]
+        s = e
+
+
+@njit(cache=True, nogil=True)
+def interaction_kernel(
+    code: np.ndarray,
+    day: np.ndarray,
+    pair: np.ndarray,
+    channel: np.ndarray,
+    response: np.ndarray,
+    complaint: np.ndarray,
+    first_k: np.ndarray,
+    position: np.ndarray,
+    cutoff_days: np.ndarray,
+    windows: np.ndarray,
+    n_pairs: int,
+    n_channels: int,
+    j0: int,
+    j1: int,
+    out: np.ndarray,
+) -> None:  # pragma: no cover - compiled
+    """The interaction aggregates of cutoffs ``j0 <= j < j1``, rows in any order.
+
+    Every aggregate is a count or a latest day, so each row adds itself to each cutoff that
+    sees it. ``position[j - j0, c]`` is customer ``c``'s column at cutoff ``j`` (``-1`` when
+    absent). ``out`` rows: pair counts (pair-major, window-minor), latest day per channel,
+    responses and complaints per window, latest response and complaint, responses per
+    channel in the longest window; day rows start at ``NO_DAY``, counts at 0.
+    """
+    n_windows = len(windows)
+    longest = windows.max()
+    base_last = n_pairs * n_windows
+    base_resp = base_last + n_channels
+    base_compl = base_resp + n_windows
+    row_last_resp = base_compl + n_windows
+    row_last_compl = row_last_resp + 1
+    base_ch_resp = row_last_compl + 1
+    for i in range(len(code)):
+        c = code[i]
+        if c < 0:
+            continue
+        d = day[i]
+        # the first cutoff on or after the day; cutoffs are few, a scan is enough
+        j = j0
+        if first_k[c] > j:
+            j = first_k[c]
+        while j < j1 and cutoff_days[j] < d:
+            j += 1
+        p = pair[i]
+        ch = channel[i]
+        resp = response[i]
+        compl = complaint[i]
+        while j < j1:
+            col = position[j - j0, c]
+            age = cutoff_days[j] - d
+            for g in range(n_windows):
+                if age < windows[g]:
+                    if p < n_pairs:
+                        out[p * n_windows + g, col] += 1
+                    if resp:
+                        out[base_resp + g, col] += 1
+                    if compl:
+                        out[base_compl + g, col] += 1
+            if ch >= 0:
+                if d > out[base_last + ch, col]:
+                    out[base_last + ch, col] = d
+                if resp and age < longest:
+                    out[base_ch_resp + ch, col] += 1
+            if resp and d > out[row_last_resp, col]:
+                out[row_last_resp, col] = d
+            if compl and d > out[row_last_compl, col]:
+                out[row_last_compl, col] = d
+            j += 1
+
+
+def warm() -> None:
+    """Load (or compile, the first time) every kernel for the types the engine passes.
+
+    Dispatch is by argument types, so these are the engine's: int64 codes, int32 days,
+    float64 amounts, bool flags, int32 codes of pairs and channels, int32 counts.
+    """
+    i64, i32 = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int32)
+    flag, none = np.zeros(1, dtype=bool), np.empty(0, dtype=np.int64)
+    is_grouped(i64, i32, flag)
+    group_order(i64, i32, flag, 1)
+    first_purchase_days(i64, i32, flag, 1)
+    offsets = np.array([0, 1], dtype=np.int64)
+    position = positions(i64, 0, 1, offsets)
+    ints, floats = np.zeros((5, 1), dtype=np.int32), np.zeros((6, 1))
+    transaction_kernel(
+        i64, i32, np.zeros(1), flag, none, i64, i64, i64 + 1, 0, 1, offsets, ints, floats
+    )
+    counts = np.zeros((8, 1), dtype=np.int32)
+    interaction_kernel(
+        i64, i32, i32, i32, flag, flag, i64, position, i64, i64 + 1, 1, 1, 0, 1, counts
+    )
