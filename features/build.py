@@ -319,10 +319,12 @@ def build_features(
         directly, never materialised in pandas: the fast path for large trusted data.
     cutoff_batch
         By default (``None``) every cutoff comes from one pass over the events
-        (:mod:`rapport.features.grid`: DuckDB reads the rows, numpy aggregates them, each
-        event once whatever the number of cutoffs, and the features derive from those
-        aggregates by the same SQL). A number runs the feature SQL alone instead, on that
-        many cutoffs per query.
+        (:mod:`rapport.features.grid`: DuckDB reads the rows, compiled kernels aggregate
+        them, each event once whatever the number of cutoffs, and the features derive from
+        those aggregates by the same SQL), unless event rows times cutoffs are below
+        ``GRID_MIN_ROW_CUTOFFS``, where the feature SQL alone is faster and runs every
+        cutoff in one query. A number runs the feature SQL alone, on that many cutoffs per
+        query.
     connection
         A DuckDB connection to use (from :func:`connect`); a private one by default.
 
@@ -513,8 +515,10 @@ def _feature_tables(
     )
     columns = defs.feature_columns(spec)
     if cutoff_batch is None:
-        yield from _grid_feature_tables(tx, ix, spec, cutoffs, columns, connection)
-        return
+        if _row_cutoffs(tx, ix, cutoffs) >= GRID_MIN_ROW_CUTOFFS:
+            yield from _grid_feature_tables(tx, ix, spec, cutoffs, columns, connection)
+            return
+        cutoff_batch = len(cutoffs)  # small enough for one query
     size = cutoff_batch
     done = 0
     while done < len(cutoffs):
@@ -574,6 +578,28 @@ def _grid_feature_tables(
 
 #: Rows per batch on the grid path: a projection streams, so batches can be bigger.
 GRID_BATCH_ROWS = 4_000_000
+
+#: Event rows times cutoffs from which the grid is the default engine. Its compiled kernels
+#: take about a second to load in a fresh process, which the feature SQL alone does not
+#: spend: at 1M transactions + 1.25M interactions and one cutoff the SQL took 0.72 s and the
+#: grid 1.56 s; at 12 cutoffs the grid took 3.5 s and the SQL 7.1 s; at 10M, one cutoff,
+#: 5.0 s against 9.1 s (bench/features_bench.py, session 9).
+GRID_MIN_ROW_CUTOFFS = 5_000_000
+
+
+def _row_cutoffs(tx: Input, ix: Input | None, cutoffs: Sequence[dt.date]) -> int:
+    """Event rows (transactions and interactions) times cutoffs: the work either engine does.
+
+    Parquet row counts come from the files' footers, without reading any rows.
+    """
+
+    def rows(table: Input) -> int:
+        if isinstance(table, pd.DataFrame):
+            return len(table)
+        files = sorted(table.glob("*.parquet")) if table.is_dir() else [table]
+        return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+
+    return (rows(tx) + (0 if ix is None else rows(ix))) * len(cutoffs)
 
 
 def _with_scores(table: pa.Table) -> pa.Table:

@@ -459,3 +459,30 @@ def test_event_names_read_as_plural_counts(event, plural):
     from rapport.features.definitions import event_plural
 
     assert event_plural(event) == plural
+
+
+@pytest.mark.parametrize("threshold_offset, engine", [(0, "grid"), (1, "sql")])
+def test_the_default_engine_follows_event_rows_times_cutoffs(
+    tiny_tx, tiny_ix, tmp_path, monkeypatch, threshold_offset, engine
+):
+    """The grid from GRID_MIN_ROW_CUTOFFS event rows x cutoffs on, the SQL alone below it;
+    Parquet inputs are counted from their footers, and both engines give the same frame."""
+    from rapport.features import build
+
+    ix_path = tmp_path / "ix.parquet"
+    tiny_ix.to_parquet(ix_path)
+    cutoffs = ["2024-02-01", "2024-03-01"]
+    work = (len(tiny_tx) + len(tiny_ix)) * len(cutoffs)
+    monkeypatch.setattr(build, "GRID_MIN_ROW_CUTOFFS", work + threshold_offset)
+    ran: list[str] = []
+    grid_tables = build._grid_feature_tables
+
+    def spy(*args, **kwargs):
+        ran.append("grid")
+        yield from grid_tables(*args, **kwargs)
+
+    monkeypatch.setattr(build, "_grid_feature_tables", spy)
+    feats = build_features(tiny_tx, ix_path, as_of=cutoffs)
+    assert ran == (["grid"] if engine == "grid" else [])
+    expected = build_features(tiny_tx, ix_path, as_of=cutoffs, cutoff_batch=1)
+    pd.testing.assert_frame_equal(feats, expected)

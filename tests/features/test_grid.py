@@ -1,4 +1,4 @@
-"""The grid engine (several cutoffs from one pass, by difference arrays) equals the SQL."""
+"""The grid engine (every cutoff from one pass, by compiled kernels) equals the SQL."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rapport.features import build
 from rapport.features import definitions as defs
 from rapport.features.build import build_features, iter_features
 from rapport.features.contracts import validate_table
@@ -20,6 +21,14 @@ from rapport.features.segments import _below_within
 from rapport.features.synthetic import SyntheticConfig, generate_synthetic
 
 START = pd.Timestamp("2023-01-01")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _grid_at_any_size():
+    """Default calls run the grid here however small their data: these tests are about it."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build, "GRID_MIN_ROW_CUTOFFS", 0)
+        yield
 
 
 def _both(tx, ix, cutoffs, **kwargs):
@@ -135,8 +144,6 @@ def test_aggregate_columns_are_the_sql_aggregates(tiny_tx, tiny_ix):
 
 
 def test_grid_batches_stream_in_cutoff_order(tiny_tx, tiny_ix, monkeypatch):
-    from rapport.features import build
-
     cutoffs = ["2024-01-31", "2024-02-15", "2024-02-29", "2024-03-31", "2024-04-30"]
     monkeypatch.setattr(build, "GRID_BATCH_ROWS", 5)
     batches = list(iter_features(tiny_tx, tiny_ix, as_of=cutoffs))
