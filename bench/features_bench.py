@@ -10,8 +10,9 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 (``ru_maxrss``) is its own:
 
 - ``scan``: DuckDB reads the same columns of both Parquet files (a bare aggregate);
-- ``rapport``: ``build_features`` on the Parquet paths, one cutoff (the default engine, the
-  grid: DuckDB reads the rows, numpy aggregates them, the feature SQL derives the features);
+- ``rapport``: ``build_features`` on the Parquet paths, one cutoff (the default engine: from
+  5M event rows x cutoffs the grid, where DuckDB reads the rows, compiled kernels aggregate
+  them and the feature SQL derives the features; below it the feature SQL alone);
 - ``rapport_sql``: the same cutoff by the feature SQL alone (``cutoff_batch=1``);
 - ``rapport_shuffled`` and ``rapport_sql_shuffled``: both on a copy of the world with its rows
   in random order (the generator writes them grouped by customer and time, which spares the

@@ -549,7 +549,7 @@ def _grid_feature_tables(
 ) -> Iterator[tuple[pa.Table, int]]:
     """Every cutoff from one pass over the events (:mod:`rapport.features.grid`).
 
-    The base aggregates come from difference arrays, the features from them by the same SQL;
+    The base aggregates come from compiled kernels, the features from them by the same SQL;
     each table is cut to ``columns`` and comes with the rows of all tables together.
     """
     from rapport.features.grid import grid_tables, widen_counts_sql
