@@ -246,10 +246,11 @@ def _interaction_columns(
     names += [f"_complaints_{g}" for g in range(n_windows)]
     names += ["_last_response", "_last_complaint"]
     names += [f"_channel_responses_{k}" for k in range(n_channels)]
-    out = np.zeros((len(names), int(offsets[-1])), dtype=np.int32)
-    for i, name in enumerate(names):
-        if name.startswith("_last_"):
-            out[i] = _NO_DAY
+    # counts fit int32 below 2**31 rows (as the transactions', see _transaction_columns)
+    count_type = np.int32 if len(ix.code) < 2**31 else np.int64
+    out = np.zeros((len(names), int(offsets[-1])), dtype=count_type)
+    days = [i for i, name in enumerate(names) if name.startswith("_last_")]
+    out[days] = _NO_DAY
     kernels.interaction_kernel(
         ix.code,
         ix.day,
@@ -267,7 +268,10 @@ def _interaction_columns(
         j1,
         out,
     )
-    return dict(zip(names, out, strict=True))
+    return {
+        name: out[i].astype(np.int32, copy=False) if i in days else out[i]
+        for i, name in enumerate(names)
+    }
 
 
 class _Coder:

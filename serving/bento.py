@@ -32,6 +32,9 @@ PINNED = (
     "pyarrow",
     "duckdb",
     "sqlglot",
+    # the feature engine's kernels, for raw purchase histories big enough to take the grid
+    "numba",
+    "llvmlite",
     "pydantic",
     "pydantic-settings",
     "fastapi",
