@@ -214,7 +214,8 @@ def features_build(
             min=1,
             help="Run the feature SQL alone on this many cutoffs per query. By default "
             "every cutoff comes from one pass over the events (the grid), written in "
-            "batches of about 4M rows.",
+            "batches of about 4M rows; inputs under 5M event rows x cutoffs go to the "
+            "feature SQL alone, in one query.",
         ),
     ] = None,
 ) -> None:

@@ -38,8 +38,10 @@ import pyarrow as pa
 from rapport.features import definitions as defs
 
 _EPOCH = dt.date(1970, 1, 1)
-_NO_DAY = np.iinfo(np.int32).min
-_NO_PURCHASE = np.iinfo(np.int32).max
+#: Day value for "no such day" (no purchase or interaction of the kind by the cutoff).
+NO_DAY = np.iinfo(np.int32).min
+#: First-purchase day of a customer who never bought.
+NO_PURCHASE = np.iinfo(np.int32).max
 
 
 def _cutoff_index(cutoff_days: np.ndarray, day: np.ndarray, shift: int = 0) -> np.ndarray:
@@ -148,7 +150,7 @@ def _load_events(
             if not coder_ready.done():
                 # the transactions failed before their codes: the other thread must not wait
                 coder_ready.set_exception(RuntimeError("the transactions could not be coded"))
-        bought = np.flatnonzero(first_day < _NO_PURCHASE)
+        bought = np.flatnonzero(first_day < NO_PURCHASE)
         first_k = np.full(n, len(cutoffs), dtype=np.int64)
         first_k[bought] = _cutoff_index(cutoff_days, first_day[bought])
         return _Events(coder.ids, tx, None if ix is None else ix.result(), cutoff_days, first_k)
@@ -250,7 +252,7 @@ def _interaction_columns(
     count_type = np.int32 if len(ix.code) < 2**31 else np.int64
     out = np.zeros((len(names), int(offsets[-1])), dtype=count_type)
     days = [i for i, name in enumerate(names) if name.startswith("_last_")]
-    out[days] = _NO_DAY
+    out[days] = NO_DAY
     kernels.interaction_kernel(
         ix.code,
         ix.day,
@@ -387,9 +389,7 @@ def grid_tables(
                 # each taken over from numpy without a copy (the SQL reads int32 counts
                 # through widen_counts_sql)
                 columns[name] = (
-                    pa.array(v, mask=v == _NO_DAY).cast(pa.date32())
-                    if name in days
-                    else pa.array(v)
+                    pa.array(v, mask=v == NO_DAY).cast(pa.date32()) if name in days else pa.array(v)
                 )
                 del v
             yield _table_of(columns), total_rows

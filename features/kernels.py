@@ -15,8 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-NO_DAY = np.iinfo(np.int32).min
-NO_PURCHASE = np.iinfo(np.int32).max
+from rapport.features.grid import NO_DAY, NO_PURCHASE
 
 
 @njit(cache=True, nogil=True)
@@ -91,7 +90,7 @@ def positions(first_k: np.ndarray, j0: int, j1: int, offsets: np.ndarray) -> np.
 @njit(cache=True, nogil=True)
 def first_purchase_days(
     code: np.ndarray, day: np.ndarray, is_purchase: np.ndarray, n: int
-) -> np.ndarray:  # pragma: no cover - compiled
+) -> np.ndarray:
     """Each customer's first purchase day, ``NO_PURCHASE`` for none."""
     first = np.full(n, NO_PURCHASE, dtype=np.int32)
     for i in range(len(code)):
@@ -121,15 +120,15 @@ def transaction_kernel(
     offsets: np.ndarray,
     ints: np.ndarray,
     floats: np.ndarray,
-) -> None:  # pragma: no cover - compiled
+) -> None:
     """The transaction aggregates of cutoffs ``j0 <= j < j1``.
 
     Rows are read in ``order`` (in the order they come when it is empty), which must group
     them by code, then day, a day's purchases before its refunds. Each
     customer's rows are walked once while the cutoffs advance; the purchase-day marks of
     :func:`rapport.features.definitions._rows_sql` are made on the way (a new purchase day,
-    its gap from the one before, repeat-day rows) and window sums are differences of the
-    customer's running sums, found by one trailing pointer per span.
+    its gap from the one before, repeat-day rows) and window sums are the customer's
+    running sums less those of the rows a trailing pointer per span has left behind.
 
     ``ints`` rows: first_day, last_day, purchase days, purchase rows, then purchase rows per
     span; ``floats`` rows: total, repeat-day, order spend, order spend squared, squared gaps,
@@ -139,17 +138,10 @@ def transaction_kernel(
     n_spans = len(spans)
     nxt = offsets[:-1].copy()
     n_rows = len(code)
-    m_max = 0
-    i = 0
-    while i < n_rows:
-        e = i
-        while e < n_rows and code[_at(order, e)] == code[_at(order, i)]:
-            e += 1
-        m_max = max(m_max, e - i)
-        i = e
-    run_buys = np.zeros(m_max + 1, dtype=np.int64)
-    run_spend = np.zeros(m_max + 1, dtype=np.float64)
+    # per span: the first row still inside the window, and the purchases and spend before it
     trail = np.zeros(n_spans, dtype=np.int64)
+    left_buys = np.zeros(n_spans, dtype=np.int64)
+    left_spend = np.zeros(n_spans, dtype=np.float64)
     s = 0
     while s < n_rows:
         c = code[_at(order, s)]
@@ -168,8 +160,9 @@ def transaction_kernel(
             order_spend = 0.0
             order_sq = 0.0
             gap_sq = 0.0
-            for t in range(n_spans):
-                trail[t] = s
+            trail[:] = s
+            left_buys[:] = 0
+            left_spend[:] = 0.0
             i = s
             for j in range(max(fk, j0), j1):
                 cj = cutoff_days[j]
@@ -192,11 +185,9 @@ def transaction_kernel(
                         order_sq += a * a
                         if d > first:
                             repeat += a
-                    elif first != NO_PURCHASE and d > first and prev_buy == d:
+                    elif d > first and prev_buy == d:
                         repeat += a
                     total += a
-                    run_buys[i - s + 1] = n_buys
-                    run_spend[i - s + 1] = total
                     i += 1
                 col = nxt[j - j0]
                 nxt[j - j0] += 1
@@ -212,10 +203,12 @@ def transaction_kernel(
                 for t in range(n_spans):
                     edge = cj - spans[t]
                     while trail[t] < i and day[_at(order, trail[t])] <= edge:
+                        r = _at(order, trail[t])
+                        left_buys[t] += is_purchase[r]
+                        left_spend[t] += amount[r]
                         trail[t] += 1
-                    lo = trail[t] - s
-                    ints[4 + t, col] = n_buys - run_buys[lo]
-                    floats[5 + t, col] = total - run_spend[lo]
+                    ints[4 + t, col] = n_buys - left_buys[t]
+                    floats[5 + t, col] = total - left_spend[t]
         s = e
 
 
@@ -236,7 +229,7 @@ def interaction_kernel(
     j0: int,
     j1: int,
     out: np.ndarray,
-) -> None:  # pragma: no cover - compiled
+) -> None:
     """The interaction aggregates of cutoffs ``j0 <= j < j1``, rows in any order.
 
     Every aggregate is a count or a latest day, so each row adds itself to each cutoff that

@@ -62,24 +62,23 @@ def test_train_all_then_list_evaluate_and_promote(
     assert "champion" in listing.output
 
     client = MlflowClient(TrainingSettings().tracking_uri)
-    test_cutoff = client.get_model_version("rapport-churn", "1").tags["test_cutoff"]
-    evaluated = runner.invoke(
-        app,
-        ["evaluate", "churn", "--as-of", test_cutoff, "--version", "1",
-         "--config", str(fast_yaml / "churn.yaml"), *data],
-    )  # fmt: skip
+    first_version = client.get_model_version("rapport-churn", "1")
+
+    def evaluate_first_version(as_of: str):
+        return runner.invoke(
+            app,
+            ["evaluate", "churn", "--as-of", as_of, "--version", "1",
+             "--config", str(fast_yaml / "churn.yaml"), *data],
+        )  # fmt: skip
+
+    evaluated = evaluate_first_version(first_version.tags["test_cutoff"])
     assert evaluated.exit_code == 0, evaluated.output
     assert "registered" in evaluated.output and "bgnbd" in evaluated.output
     assert "flatter" not in evaluated.output  # the test cutoff is out of sample
 
     # a training cutoff is not: the command says so beside the figures
-    run = client.get_run(client.get_model_version("rapport-churn", "1").run_id)
-    first_train_cutoff = run.data.params["train_cutoffs"].split(",")[0]
-    in_sample = runner.invoke(
-        app,
-        ["evaluate", "churn", "--as-of", first_train_cutoff, "--version", "1",
-         "--config", str(fast_yaml / "churn.yaml"), *data],
-    )  # fmt: skip
+    run = client.get_run(first_version.run_id)
+    in_sample = evaluate_first_version(run.data.params["train_cutoffs"].split(",")[0])
     assert in_sample.exit_code == 0, in_sample.output
     assert "flatter" in " ".join(in_sample.output.split())
 
