@@ -558,7 +558,8 @@ def _grid_feature_tables(
     sql = defs.features_sql(unpacked, source="grid")
     with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
-        for grid, total_rows in grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS):
+        tables = grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS, sources=(tx, ix))
+        for grid, total_rows in tables:
             con.register("grid_counts", grid)
             widened = widen_counts_sql(grid.schema, "grid_counts")
             con.execute(f"CREATE OR REPLACE TEMP VIEW grid AS {widened}")

@@ -29,6 +29,7 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -108,39 +109,60 @@ class _Events:
         return np.cumsum(np.bincount(self.first_k, minlength=k + 1)[:k])
 
 
+#: An input the engine can read itself: a pandas frame or a Parquet file or folder of files.
+Source = pd.DataFrame | Path
+
+
+@dataclasses.dataclass
+class _TransactionRows:
+    """Transaction rows as the SQL's ``transaction_rows_sql`` selects them, ids still Arrow."""
+
+    customer_id: pa.ChunkedArray
+    day: np.ndarray
+    amount: np.ndarray
+    is_purchase: np.ndarray
+
+
 def _load_events(
-    con: duckdb.DuckDBPyConnection, spec: defs.FeatureSpec, cutoffs: Sequence[dt.date]
+    con: duckdb.DuckDBPyConnection,
+    spec: defs.FeatureSpec,
+    cutoffs: Sequence[dt.date],
+    sources: tuple[Source, Source | None] | None = None,
 ) -> _Events:
     """The event rows, read by the SQL's own row and code definitions, ready for the kernels.
 
-    DuckDB reads the interactions (the connection's one query at a time: right after the
-    transactions) in a second thread while the transactions are coded and grouped here; both
-    release the GIL for most of their work.
+    ``sources`` (the transactions and interactions ``con`` has bound as ``tx`` and ``ix``)
+    are read straight into Arrow where their types allow (:func:`_direct_transactions`),
+    which is several times faster than fetching DuckDB's result; otherwise DuckDB reads
+    them. The interactions are read in a second thread while the transactions are coded and
+    grouped here; both release the GIL for most of their work.
     """
     from rapport.features import kernels
 
-    rows = con.execute(defs.transaction_rows_sql()).to_arrow_table()
+    tx_source, ix_source = sources if sources is not None else (None, None)
+    rows = None if tx_source is None else _direct_transactions(tx_source, cutoffs[-1])
+    if rows is None:
+        rows = _sql_transactions(con)
     coder_ready: Future[_Coder] = Future()
     with ThreadPoolExecutor(max_workers=1) as pool:
         ix: Future[_Interactions] | None = (
-            pool.submit(_load_interactions, con, spec, coder_ready)
+            pool.submit(_load_interactions, con, spec, coder_ready, ix_source, cutoffs[-1])
             if spec.interaction_pairs
             else None
         )
         try:
-            coder = _Coder(rows.column("customer_id"))
+            coder = _Coder(rows.customer_id)
             coder_ready.set_result(coder)
-            is_purchase = _flags(rows.column("is_purchase"))
             tx = _Transactions(
                 code=coder.codes,
-                day=_days(rows.column("day")),
-                amount=rows.column("amount").to_numpy().astype(np.float64, copy=False),
-                is_purchase=is_purchase,
+                day=rows.day,
+                amount=rows.amount,
+                is_purchase=rows.is_purchase,
                 order=np.empty(0, dtype=np.int64),
             )
             del rows
             n = len(coder.ids)
-            refund = ~is_purchase
+            refund = ~tx.is_purchase
             if not kernels.is_grouped(tx.code, tx.day, refund):
                 tx.order = kernels.group_order(tx.code, tx.day, refund, n)
             del refund
@@ -156,14 +178,136 @@ def _load_events(
         return _Events(coder.ids, tx, None if ix is None else ix.result(), cutoff_days, first_k)
 
 
+def _sql_transactions(con: duckdb.DuckDBPyConnection) -> _TransactionRows:
+    """The transaction rows as DuckDB selects them (``transaction_rows_sql``)."""
+    rows = con.execute(defs.transaction_rows_sql()).to_arrow_table()
+    return _TransactionRows(
+        customer_id=rows.column("customer_id"),
+        day=_days(rows.column("day")),
+        amount=rows.column("amount").to_numpy().astype(np.float64, copy=False),
+        is_purchase=_flags(rows.column("is_purchase")),
+    )
+
+
+def _direct_transactions(source: Source, last_cutoff: dt.date) -> _TransactionRows | None:
+    """The rows of ``transaction_rows_sql`` read without DuckDB; None where DuckDB must.
+
+    The same rows by the same rules: a row's day is its timestamp's UTC date (floored),
+    rows after the last cutoff are left out, a purchase is ``amount >= 0``. Tests prove the
+    two readers equal.
+    """
+    table = _read_arrow(source, ("customer_id", "timestamp", "amount"))
+    if table is None or not _is_number(table.column("amount").type):
+        return None
+    day = _day_numbers(table.column("timestamp"))
+    if day is None:
+        return None
+    customer_id = table.column("customer_id")
+    amount = table.column("amount").cast(pa.float64()).to_numpy()
+    del table
+    keep = day <= (last_cutoff - _EPOCH).days
+    if not keep.all():
+        customer_id = customer_id.filter(pa.array(keep))
+        day, amount = day[keep], amount[keep]
+    return _TransactionRows(customer_id, day, amount, amount >= 0)
+
+
+def _read_arrow(
+    source: Source, columns: Sequence[str], dictionary: Sequence[str] = ()
+) -> pa.Table | None:
+    """``columns`` of a frame or a Parquet file (or folder) as Arrow.
+
+    ``dictionary`` columns come dictionary-encoded. None where there are nulls, the ids are
+    categorical or the read fails: DuckDB reads the input then, and reports what it finds.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        if isinstance(source, pd.DataFrame):
+            table = pa.Table.from_pandas(source[list(columns)], preserve_index=False)
+        else:
+            # the files DuckDB's read_parquet reads for the same path (see build._bind)
+            files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+            if not files:
+                return None
+            table = pa.concat_tables(
+                pq.read_table(f, columns=list(columns), read_dictionary=list(dictionary))
+                for f in files
+            )
+    except (pa.ArrowException, KeyError, ValueError, TypeError, OSError):
+        return None
+    if any(table.column(c).null_count for c in columns):
+        return None
+    if "customer_id" in columns and pa.types.is_dictionary(table.column("customer_id").type):
+        return None
+    return table
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+    )
+
+
+#: Timestamp units per day.
+_PER_DAY = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}
+
+
+def _day_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
+    """Days since 1970-01-01 of a timestamp or date column; None for other types.
+
+    As ``CAST(timestamp AS DATE)`` gives them in a UTC session: floored, and a zoned
+    timestamp's UTC date.
+    """
+    kind = column.type
+    if pa.types.is_timestamp(kind):
+        values = column.cast(pa.int64()).to_numpy()
+        return (values // _PER_DAY[kind.unit]).astype(np.int32)
+    if pa.types.is_date32(kind):
+        return column.cast(pa.int32()).to_numpy()
+    if pa.types.is_date64(kind):
+        return (column.cast(pa.int64()).to_numpy() // _PER_DAY["ms"]).astype(np.int32)
+    return None
+
+
+def _dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None:
+    """Each row's position in the column's distinct text values, and those values."""
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    values = column.type.value_type
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
+        return None
+    column = column.unify_dictionaries()
+    if column.num_chunks == 0:
+        return np.empty(0, dtype=np.int32), []
+    codes = [chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks]
+    joined = codes[0] if len(codes) == 1 else np.concatenate(codes)
+    return joined.astype(np.int32, copy=False), column.chunk(0).dictionary.to_pylist()
+
+
 def _load_interactions(
-    con: duckdb.DuckDBPyConnection, spec: defs.FeatureSpec, coder_ready: Future[_Coder]
+    con: duckdb.DuckDBPyConnection,
+    spec: defs.FeatureSpec,
+    coder_ready: Future[_Coder],
+    source: Source | None = None,
+    last_cutoff: dt.date | None = None,
 ) -> _Interactions:
     """The interaction rows, coded by the SQL, customers by the transactions' codes.
 
     Rows whose pair is not in ``spec`` get the pair code ``len(spec.interaction_pairs)``,
-    rows whose channel is not, -1.
+    rows whose channel is not, -1. Read without DuckDB where :func:`_direct_interactions`
+    can; rows after the last cutoff are then kept, and the kernel, which adds a row to the
+    cutoffs that see it, leaves them out.
     """
+    direct = (
+        None
+        if source is None or last_cutoff is None
+        else _direct_interactions(source, spec, last_cutoff)
+    )
+    if direct is not None:
+        customer_id, ix = direct
+        ix.code = coder_ready.result().code_of(customer_id)
+        return ix
     coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     n_pairs = len(spec.interaction_pairs)
     return _Interactions(
@@ -174,6 +318,83 @@ def _load_interactions(
         response=_flags(coded.column("is_response")),
         complaint=_flags(coded.column("is_complaint")),
     )
+
+
+def _direct_interactions(
+    source: Source, spec: defs.FeatureSpec, last_cutoff: dt.date
+) -> tuple[pa.ChunkedArray, _Interactions] | None:
+    """Interaction rows read without DuckDB, their codes still by the SQL's definition.
+
+    A row's codes depend on its channel and event alone, so ``coded_interactions_sql`` runs
+    on every (channel, event) combination of the columns' distinct values (a few dozen rows)
+    and each row takes its combination's codes: the definitions stay in the SQL, and 12.6M
+    rows are not compared with strings one by one. None where DuckDB must read the rows.
+    """
+    table = _read_arrow(
+        source, ("customer_id", "timestamp", "channel", "event"), dictionary=("channel", "event")
+    )
+    if table is None:
+        return None
+    day = _day_numbers(table.column("timestamp"))
+    channels = _dictionary_codes(table.column("channel"))
+    events = _dictionary_codes(table.column("event"))
+    if day is None or channels is None or events is None:
+        return None
+    customer_id = table.column("customer_id")
+    del table
+    (channel_code, channel_values), (event_code, event_values) = channels, events
+    combination = channel_code * max(len(event_values), 1) + event_code
+    del channel_code, event_code
+    codes = _combination_codes(spec, channel_values, event_values, last_cutoff)
+    return customer_id, _Interactions(
+        code=np.empty(0, dtype=np.int64),
+        day=day,
+        pair=codes["pair_id"][combination],
+        channel=codes["channel_id"][combination],
+        response=codes["is_response"][combination],
+        complaint=codes["is_complaint"][combination],
+    )
+
+
+def _combination_codes(
+    spec: defs.FeatureSpec, channels: list[str], events: list[str], last_cutoff: dt.date
+) -> dict[str, np.ndarray]:
+    """``coded_interactions_sql``'s codes of every (channel, event) combination.
+
+    Entry ``k * len(events) + e`` codes channel ``channels[k]`` with event ``events[e]``.
+    """
+    n = len(channels) * len(events)
+    combos = pa.table(
+        {
+            # the position rides in the id: the query's order is its own
+            "customer_id": pa.array(np.arange(n, dtype=np.int64)),
+            "timestamp": pa.array(np.full(n, np.datetime64(last_cutoff, "us"))),
+            "channel": pa.array([c for c in channels for _ in events], type=pa.string()),
+            "event": pa.array([e for _ in channels for e in events], type=pa.string()),
+        }
+    )
+    con = duckdb.connect(":memory:")
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        con.register("ix", combos)
+        con.execute(f"CREATE TEMP TABLE cutoffs AS SELECT DATE '{last_cutoff}' AS as_of")
+        coded = con.execute(
+            f"SELECT * FROM ({defs.coded_interactions_sql(spec)}) ORDER BY customer_id"
+        ).to_arrow_table()
+    finally:
+        con.close()
+    if coded.num_rows != n:
+        raise RuntimeError("coded_interactions_sql dropped (channel, event) combinations")
+    return {
+        "pair_id": _filled(coded.column("pair_id"), len(spec.interaction_pairs)),
+        "channel_id": _filled(coded.column("channel_id"), -1),
+        "is_response": _flags(coded.column("is_response")),
+        "is_complaint": _flags(coded.column("is_complaint")),
+    }
+
+
+def _filled(column: pa.ChunkedArray, value: int) -> np.ndarray:
+    return column.fill_null(value).to_numpy().astype(np.int32)
 
 
 def _transaction_columns(
@@ -334,6 +555,7 @@ def grid_tables(
     cutoffs: Sequence[dt.date],
     *,
     batch_rows: int,
+    sources: tuple[Source, Source | None] | None = None,
 ) -> Iterator[tuple[pa.Table, int]]:
     """Base-aggregate tables for batches of cutoffs, each within about ``batch_rows`` rows.
 
@@ -343,13 +565,15 @@ def grid_tables(
     :func:`~rapport.features.definitions.aggregate_columns`, one row per customer who has
     bought by the cutoff, ordered by ``as_of`` then ``customer_id``: the ``grid`` relation
     of ``features_sql(spec, source="grid")``; each comes with the rows of all tables together.
+    ``sources``, the inputs bound as ``tx`` and ``ix``, are read without DuckDB where they can
+    be (:func:`_load_events`).
     A batch is computed when the one before is out, the transaction and interaction kernels
     side by side, and its arrays are freed with its table.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         # numba's import and its first call (about 1 s) overlap DuckDB's reading of the rows
         warm = pool.submit(_warm_kernels)
-        events = _load_events(con, spec, cutoffs)
+        events = _load_events(con, spec, cutoffs, sources)
         warm.result()
         sizes = events.sizes()
         total_rows = int(sizes.sum())
