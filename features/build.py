@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from rapport.features import definitions as defs
+from rapport.features import projection
 from rapport.features.contracts import (
     SCHEMAS,
     DataValidationError,
@@ -252,7 +253,10 @@ def _arrow(result: duckdb.DuckDBPyConnection) -> pa.Table:
     """A query's whole result as Arrow, ``as_of`` as a timestamp."""
     # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
     fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-    table = fetch()
+    return _timestamp_as_of(fetch())
+
+
+def _timestamp_as_of(table: pa.Table) -> pa.Table:
     as_of = table.schema.get_field_index("as_of")
     return table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
 
@@ -552,7 +556,7 @@ def _grid_feature_tables(
     The base aggregates come from compiled kernels, the features from them by the same SQL;
     each table is cut to ``columns`` and comes with the rows of all tables together.
     """
-    from rapport.features.grid import grid_tables, widen_counts_sql
+    from rapport.features.grid import grid_tables
 
     unpacked = dataclasses.replace(spec, pack_counts=False)
     sql = defs.features_sql(unpacked, source="grid")
@@ -560,21 +564,38 @@ def _grid_feature_tables(
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
         tables = grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS, sources=(tx, ix))
         for grid, total_rows in tables:
-            con.register("grid_counts", grid)
-            widened = widen_counts_sql(grid.schema, "grid_counts")
-            con.execute(f"CREATE OR REPLACE TEMP VIEW grid AS {widened}")
-            # the query is a projection: with insertion order kept, rows stay in grid order
-            con.execute("SET preserve_insertion_order = true")
             try:
-                table = _arrow(con.execute(sql))
-            finally:
-                con.execute(f"SET preserve_insertion_order = {bool(keep_order and keep_order[0])}")
-                con.execute("DROP VIEW IF EXISTS grid")
-                con.unregister("grid_counts")
+                # the same SQL on numpy arrays: DuckDB's result conversion alone took as long
+                # as the whole evaluation here
+                table = _timestamp_as_of(projection.evaluate(sql, grid, source="grid"))
+            except projection.UnsupportedSQLError:
+                table = _duckdb_projection(con, sql, grid, keep_order)
             del grid
             table = _with_scores(table).select(columns)
             yield table, total_rows
             del table  # before the next batch is computed
+
+
+def _duckdb_projection(
+    con: duckdb.DuckDBPyConnection,
+    sql: str,
+    grid: pa.Table,
+    keep_order: tuple[Any, ...] | None,
+) -> pa.Table:
+    """The grid's feature projection run by DuckDB (for SQL the numpy evaluator refuses)."""
+    from rapport.features.grid import widen_counts_sql
+
+    con.register("grid_counts", grid)
+    widened = widen_counts_sql(grid.schema, "grid_counts")
+    con.execute(f"CREATE OR REPLACE TEMP VIEW grid AS {widened}")
+    # the query is a projection: with insertion order kept, rows stay in grid order
+    con.execute("SET preserve_insertion_order = true")
+    try:
+        return _arrow(con.execute(sql))
+    finally:
+        con.execute(f"SET preserve_insertion_order = {bool(keep_order and keep_order[0])}")
+        con.execute("DROP VIEW IF EXISTS grid")
+        con.unregister("grid_counts")
 
 
 #: Rows per batch on the grid path: a projection streams, so batches can be bigger.

@@ -284,6 +284,18 @@ def interaction_kernel(
             j += 1
 
 
+@njit(cache=True, nogil=True)
+def pick(hit: np.ndarray, yes: np.ndarray, no: np.ndarray, out: np.ndarray) -> None:
+    """``out[i] = yes[i] if hit[i] else no[i]``, as a SQL ``CASE`` picks.
+
+    numpy's ``where`` branches on every row, about ten times slower on rows that hit at
+    random; this compiles to a blend. ``out`` must not be ``yes`` or ``no`` (the compiler
+    cannot tell they do not overlap, and then loops row by row).
+    """
+    for i in range(len(out)):
+        out[i] = yes[i] if hit[i] else no[i]
+
+
 def warm() -> None:
     """Load (or compile, the first time) every kernel for the types the engine passes.
 
@@ -305,3 +317,5 @@ def warm() -> None:
     interaction_kernel(
         i64, i32, i32, i32, flag, flag, i64, position, i64, i64 + 1, 1, 1, 0, 1, counts
     )
+    for values in (np.zeros(1), i64, i32, flag):
+        pick(flag, values, values, values.copy())
