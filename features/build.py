@@ -261,12 +261,14 @@ def _timestamp_as_of(table: pa.Table) -> pa.Table:
     return table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
 
 
-def _frame(table: pa.Table) -> pd.DataFrame:
+def _frame(table: pa.Table | pd.DataFrame) -> pd.DataFrame:
     """An ordinary pandas frame holding ``table``, whose buffers are released as it converts.
 
     Columns are consolidated into 2-D blocks: 1.5M x 72 converted in 1.0 s against 2.1 s one
-    block per column.
+    block per column. A frame (the grid's batches) is one already.
     """
+    if isinstance(table, pd.DataFrame):
+        return table
     return _own_text(table).to_pandas(self_destruct=True)
 
 
@@ -346,7 +348,7 @@ def build_features(
         is on or before the cutoff, ordered by ``as_of`` then ``customer_id``.
     """
     stacker: _Stacker | None = None
-    tables: list[pa.Table] = []
+    tables: list[pa.Table | pd.DataFrame] = []
     for table, total_rows in _feature_tables(
         transactions,
         interactions,
@@ -357,7 +359,7 @@ def build_features(
         cutoff_batch=cutoff_batch,
         connection=connection,
     ):
-        if stacker is None and total_rows is not None and total_rows > table.num_rows:
+        if stacker is None and total_rows is not None and total_rows > len(table):
             # several batches of a known total: each is copied into the result and freed
             # before the next is computed, rather than all held until the end
             stacker = _Stacker(total_rows)
@@ -369,7 +371,7 @@ def build_features(
     if stacker is None:
         if len(tables) == 1:
             return _typed(_frame(tables.pop()))
-        stacker = _Stacker(sum(t.num_rows for t in tables))
+        stacker = _Stacker(sum(len(t) for t in tables))
         while tables:
             stacker.add(tables.pop(0))
     return _typed(stacker.frame())
@@ -412,8 +414,23 @@ class _Stacker:
         # untouched until written: the pages are taken as the batches come in
         self.blocks = {dtype: np.empty((n, self.total_rows), dtype) for dtype, n in sizes.items()}
 
-    def add(self, table: pa.Table) -> None:
+    def _allocate_like(self, frame: pd.DataFrame) -> None:
+        """Blocks for a frame's numeric columns (numpy dtypes), as :meth:`_allocate`."""
+        self.names = list(frame.columns)
+        sizes: dict[np.dtype, int] = {}
+        for name, dtype in frame.dtypes.items():
+            if isinstance(dtype, np.dtype) and dtype.kind in "iufM":
+                self.slot[str(name)] = (dtype, sizes.get(dtype, 0))
+                sizes[dtype] = sizes.get(dtype, 0) + 1
+            else:
+                self.other[str(name)] = []
+        self.blocks = {dtype: np.empty((n, self.total_rows), dtype) for dtype, n in sizes.items()}
+
+    def add(self, table: pa.Table | pd.DataFrame) -> None:
         """Copy ``table`` into the result, its rows after the previous batch's."""
+        if isinstance(table, pd.DataFrame):
+            self._add_frame(table)
+            return
         if not self.names:
             self._allocate(table.schema)
         if table.column_names != self.names:
@@ -438,30 +455,61 @@ class _Stacker:
                 at += len(chunk)
         self.done += table.num_rows
 
+    def _add_frame(self, frame: pd.DataFrame) -> None:
+        if not self.names:
+            self._allocate_like(frame)
+        if list(frame.columns) != self.names:
+            raise ValueError(f"feature batches differ in columns: {list(frame.columns)}")
+        if self.done + len(frame) > self.total_rows:
+            raise ValueError(f"feature batches hold more than the {self.total_rows} rows expected")
+        for name in self.names:
+            if name in self.other:
+                self.other[name].append(frame[name].reset_index(drop=True))
+                continue
+            dtype, row = self.slot[name]
+            self.blocks[dtype][row, self.done : self.done + len(frame)] = frame[name].to_numpy()
+        self.done += len(frame)
+
     def frame(self) -> pd.DataFrame:
         """The stacked frame, once every batch is in."""
         if self.done != self.total_rows:
             raise ValueError(f"feature batches hold {self.done} rows, {self.total_rows} expected")
-        position = {name: i for i, name in enumerate(self.names)}
-        blocks: list[tuple[Any, np.ndarray]] = []
-        for dtype, block in self.blocks.items():
-            rows = sorted(
-                (row, position[name]) for name, (d, row) in self.slot.items() if d == dtype
-            )
-            blocks.append((block, np.array([p for _, p in rows], dtype=np.intp)))
-        for name, parts in self.other.items():
-            values = pd.concat(parts, ignore_index=True).array
-            blocks.append((values, np.array([position[name]], dtype=np.intp)))
+        other = {
+            name: pd.concat(parts, ignore_index=True).array for name, parts in self.other.items()
+        }
+        frame = _frame_of_blocks(self.names, self.total_rows, self.blocks, self.slot, other)
         self.blocks, self.other = {}, {}
-        index, columns = pd.RangeIndex(self.total_rows), pd.Index(self.names)
-        if _from_blocks is not None:
-            return _from_blocks(blocks, index=index, columns=columns)
-        # pandas before create_dataframe_from_blocks: consolidated by the constructor (a copy)
-        out = {}
-        for values, places in blocks:
-            for i, p in enumerate(places):
-                out[self.names[p]] = values[i] if isinstance(values, np.ndarray) else values
-        return pd.DataFrame(out, index=index, columns=columns)
+        return frame
+
+
+def _frame_of_blocks(
+    names: list[str],
+    n: int,
+    blocks: dict[np.dtype, np.ndarray],
+    slot: dict[str, tuple[np.dtype, int]],
+    other: dict[str, Any],
+) -> pd.DataFrame:
+    """A frame of ``names`` without copying its columns.
+
+    Numeric columns are rows of ``blocks`` (``slot``: column -> (block dtype, row)), the
+    others 1-D arrays in ``other``.
+    """
+    position = {name: i for i, name in enumerate(names)}
+    placed: list[tuple[Any, np.ndarray]] = []
+    for dtype, block in blocks.items():
+        rows = sorted((row, position[name]) for name, (d, row) in slot.items() if d == dtype)
+        placed.append((block, np.array([p for _, p in rows], dtype=np.intp)))
+    for name, values in other.items():
+        placed.append((values, np.array([position[name]], dtype=np.intp)))
+    index, columns = pd.RangeIndex(n), pd.Index(names)
+    if _from_blocks is not None:
+        return _from_blocks(placed, index=index, columns=columns)
+    # pandas before create_dataframe_from_blocks: consolidated by the constructor (a copy)
+    out = {}
+    for values, places in placed:
+        for i, p in enumerate(places):
+            out[names[p]] = values[i] if isinstance(values, np.ndarray) else values
+    return pd.DataFrame(out, index=index, columns=columns)
 
 
 def iter_features(
@@ -503,8 +551,8 @@ def _feature_tables(
     validate: bool,
     cutoff_batch: int | None,
     connection: duckdb.DuckDBPyConnection | None,
-) -> Iterator[tuple[pa.Table, int | None]]:
-    """The feature query's Arrow result, one batch of cutoffs at a time.
+) -> Iterator[tuple[pa.Table | pd.DataFrame, int | None]]:
+    """The feature query's result, one batch of cutoffs at a time (Arrow; a frame from the grid).
 
     Each batch comes with the rows of all batches together where that is known before the
     first (the grid's), ``None`` where it is not (the SQL's).
@@ -550,7 +598,7 @@ def _grid_feature_tables(
     cutoffs: Sequence[dt.date],
     columns: list[str],
     connection: duckdb.DuckDBPyConnection | None,
-) -> Iterator[tuple[pa.Table, int]]:
+) -> Iterator[tuple[pa.Table | pd.DataFrame, int]]:
     """Every cutoff from one pass over the events (:mod:`rapport.features.grid`).
 
     The base aggregates come from compiled kernels, the features from them by the same SQL;
@@ -564,16 +612,93 @@ def _grid_feature_tables(
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
         tables = grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS, sources=(tx, ix))
         for grid, total_rows in tables:
+            batch: pa.Table | pd.DataFrame
             try:
-                # the same SQL on numpy arrays: DuckDB's result conversion alone took as long
-                # as the whole evaluation here
-                table = _timestamp_as_of(projection.evaluate(sql, grid, source="grid"))
+                # the same SQL on numpy arrays, written into the frame's blocks: DuckDB's
+                # result conversion alone took as long as the whole evaluation here
+                batch = _grid_frame(sql, grid, columns)
             except projection.UnsupportedSQLError:
                 table = _duckdb_projection(con, sql, grid, keep_order)
+                batch = _with_scores(table).select(columns)
+                del table
             del grid
-            table = _with_scores(table).select(columns)
-            yield table, total_rows
-            del table  # before the next batch is computed
+            yield batch, total_rows
+            del batch  # before the next batch is computed
+
+
+def _grid_frame(sql: str, grid: pa.Table, columns: list[str]) -> pd.DataFrame:
+    """The features of a grid batch as a frame of ``columns``, scores and segment included.
+
+    :func:`rapport.features.projection.evaluate_columns` writes each numeric feature straight
+    into its row of the 2-D block pandas keeps for its dtype, so every value is written once
+    (through Arrow it was written twice more: DuckDB's result, then pandas' blocks).
+
+    Raises
+    ------
+    rapport.features.projection.UnsupportedSQLError
+        Where the evaluator refuses the SQL, or a feature comes out as no frame column can
+        hold it (an integer with NULLs): run the query on DuckDB instead.
+    """
+    n = grid.num_rows
+    blocks: dict[np.dtype, np.ndarray] = {}
+    slot: dict[str, tuple[np.dtype, int]] = {}
+    wanted = set(columns)
+
+    def allocate(dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
+        numeric = [c for c in columns if c in dtypes and dtypes[c] in _BLOCK_TYPES]
+        for name in numeric:
+            slot[name] = (dtypes[name], sum(1 for d, _ in slot.values() if d == dtypes[name]))
+        for dtype in {d for d, _ in slot.values()}:
+            # untouched until written: the pages are taken as the rows come in
+            blocks[dtype] = np.empty((sum(1 for d, _ in slot.values() if d == dtype), n), dtype)
+        return {
+            name: blocks[slot[name][0]][slot[name][1]] if name in slot else np.empty(n, dtype)
+            for name, dtype in dtypes.items()
+        }
+
+    computed = projection.evaluate_columns(sql, grid, source="grid", allocate=allocate)
+    other: dict[str, Any] = {}
+    for name, column in computed.items():
+        if name not in wanted:
+            continue
+        if column.kept is not None:
+            values = grid.column(column.kept)
+            if name == "as_of":
+                values = values.cast(pa.timestamp("us"))
+            other[name] = _column_values(values.to_pandas())
+        elif name not in slot:
+            other[name] = _column_values(projection.arrow(column).to_pandas())
+        elif column.null is not False:
+            data = column.data
+            assert isinstance(data, np.ndarray)
+            if data.dtype.kind != "f":
+                raise projection.UnsupportedSQLError(f"NULLs in the integer feature {name}")
+            data[column.null] = np.nan  # as pandas shows a NULL double
+    as_of = grid.column("as_of").to_numpy()
+    inputs = {c: blocks[slot[c][0]][slot[c][1]] for _, c, _ in SCORED_FEATURES}
+    scores = _score_arrays(as_of, inputs)
+    for name in ("r_score", "f_score", "m_score", "fm_score"):
+        other[name] = scores[name]
+    other["segment"] = pd.Categorical.from_codes(
+        scores["segment"], categories=pd.Index(list(SEGMENTS))
+    )
+    other = {k: (v.reshape(1, -1) if isinstance(v, np.ndarray) else v) for k, v in other.items()}
+    return _frame_of_blocks(columns, n, blocks, slot, other)
+
+
+def _column_values(series: pd.Series) -> Any:
+    """What a frame block holds for ``series``: a numpy array, or its extension array.
+
+    Arrays read-only on Arrow's buffers are copied: the frame must take writes.
+    """
+    if not isinstance(series.dtype, np.dtype):
+        return series.array
+    values = series.to_numpy()
+    return values if values.flags.writeable else values.copy()
+
+
+#: Feature dtypes the grid frame keeps in 2-D blocks.
+_BLOCK_TYPES = (np.dtype(np.int64), np.dtype(np.float64))
 
 
 def _duckdb_projection(
@@ -627,9 +752,21 @@ def _row_cutoffs(tx: Input, ix: Input | None, cutoffs: Sequence[dt.date]) -> int
 def _with_scores(table: pa.Table) -> pa.Table:
     """R, F, M, FM scores and segment, ranked within each cutoff of an ordered table."""
     as_of = table.column("as_of").to_numpy()
+    inputs = {column: table.column(column).to_numpy() for _, column, _ in SCORED_FEATURES}
+    scores = _score_arrays(as_of, inputs)
+    for name in ("r_score", "f_score", "m_score", "fm_score"):
+        table = table.append_column(name, pa.array(scores[name]))
+    segment = pa.DictionaryArray.from_arrays(pa.array(scores["segment"]), pa.array(list(SEGMENTS)))
+    return table.append_column("segment", segment)
+
+
+def _score_arrays(as_of: np.ndarray, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """R, F, M, FM scores (int32) and segment codes (int8), ranked within each cutoff.
+
+    ``as_of`` is ordered; ``inputs`` holds the :data:`SCORED_FEATURES` columns.
+    """
     bounds = np.flatnonzero(np.diff(as_of.astype("int64"))) + 1
     parts: dict[str, list[np.ndarray]] = {}
-    inputs = {column: table.column(column).to_numpy() for _, column, _ in SCORED_FEATURES}
     for lo, hi in zip([0, *bounds], [*bounds, len(as_of)], strict=True):
         if hi == lo:  # no rows at all
             continue
@@ -638,13 +775,12 @@ def _with_scores(table: pa.Table) -> pa.Table:
             parts.setdefault(name, []).append(values)
 
     def joined(name: str, dtype: str) -> np.ndarray:
-        return np.concatenate(parts[name]) if name in parts else np.zeros(0, dtype=dtype)
+        if name not in parts:
+            return np.zeros(0, dtype=dtype)
+        return parts[name][0] if len(parts[name]) == 1 else np.concatenate(parts[name])
 
-    for name in ("r_score", "f_score", "m_score", "fm_score"):
-        table = table.append_column(name, pa.array(joined(name, "int32")))
-    codes = pa.array(joined("segment", "int8"))
-    segment = pa.DictionaryArray.from_arrays(codes, pa.array(list(SEGMENTS)))
-    return table.append_column("segment", segment)
+    scores = {name: joined(name, "int32") for name in ("r_score", "f_score", "m_score", "fm_score")}
+    return {**scores, "segment": joined("segment", "int8")}
 
 
 def stream_features(

@@ -25,8 +25,10 @@ per-cutoff SQL.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -134,23 +136,28 @@ def _load_events(
     ``sources`` (the transactions and interactions ``con`` has bound as ``tx`` and ``ix``)
     are read straight into Arrow where their types allow (:func:`_direct_transactions`),
     which is several times faster than fetching DuckDB's result; otherwise DuckDB reads
-    them. The interactions are read in a second thread while the transactions are coded and
-    grouped here; both release the GIL for most of their work.
+    them. The interactions are read in a second thread while the transactions are read,
+    coded and grouped here; both release the GIL for most of their work, and the
+    connection serves one of them at a time.
     """
     from rapport.features import kernels
 
     tx_source, ix_source = sources if sources is not None else (None, None)
-    rows = None if tx_source is None else _direct_transactions(tx_source, cutoffs[-1])
-    if rows is None:
-        rows = _sql_transactions(con)
     coder_ready: Future[_Coder] = Future()
+    one_query = threading.Lock()
     with ThreadPoolExecutor(max_workers=1) as pool:
         ix: Future[_Interactions] | None = (
-            pool.submit(_load_interactions, con, spec, coder_ready, ix_source, cutoffs[-1])
+            pool.submit(
+                _load_interactions, con, spec, coder_ready, ix_source, cutoffs[-1], one_query
+            )
             if spec.interaction_pairs
             else None
         )
         try:
+            rows = None if tx_source is None else _direct_transactions(tx_source, cutoffs[-1])
+            if rows is None:
+                with one_query:
+                    rows = _sql_transactions(con)
             coder = _Coder(rows.customer_id)
             coder_ready.set_result(coder)
             tx = _Transactions(
@@ -291,6 +298,7 @@ def _load_interactions(
     coder_ready: Future[_Coder],
     source: Source | None = None,
     last_cutoff: dt.date | None = None,
+    one_query: threading.Lock | None = None,
 ) -> _Interactions:
     """The interaction rows, coded by the SQL, customers by the transactions' codes.
 
@@ -308,7 +316,8 @@ def _load_interactions(
         customer_id, ix = direct
         ix.code = coder_ready.result().code_of(customer_id)
         return ix
-    coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
+    with one_query or contextlib.nullcontext():
+        coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     n_pairs = len(spec.interaction_pairs)
     return _Interactions(
         code=coder_ready.result().code_of(coded.column("customer_id")),

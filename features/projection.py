@@ -54,6 +54,10 @@ class _Value:
     decimal: bool = False
 
 
+#: A column of :func:`evaluate_columns`.
+Column = _Value
+
+
 @dataclasses.dataclass(frozen=True)
 class _Query:
     """A parsed projection: the relation each ``SELECT`` reads and its items, in order."""
@@ -114,6 +118,37 @@ def evaluate(
         Where the query has anything but ``WITH`` chains of ``SELECT`` lists over ``source``,
         or a construct or type this evaluator does not implement.
     """
+    columns = evaluate_columns(sql, table, source=source, keep=keep, chunk_rows=chunk_rows)
+    return pa.table(
+        {
+            name: table.column(value.kept) if value.kept is not None else arrow(value)
+            for name, value in columns.items()
+        }
+    )
+
+
+#: Where :func:`evaluate_columns` writes: given each computed column's name and dtype, an
+#: array of the table's length for each.
+Allocator = Callable[[dict[str, np.dtype]], dict[str, np.ndarray]]
+
+
+def evaluate_columns(
+    sql: str,
+    table: pa.Table,
+    *,
+    source: str,
+    keep: tuple[str, ...] = ("customer_id", "as_of"),
+    chunk_rows: int = CHUNK_ROWS,
+    allocate: Allocator | None = None,
+) -> dict[str, Column]:
+    """:func:`evaluate`'s columns as numpy, written where ``allocate`` says.
+
+    Each computed column is ``data`` (int64, float64, or int32 codes into ``labels`` for
+    text; a DATE's day numbers where ``date``) and ``null``, a mask or ``False``; values
+    under the mask are unspecified. A ``keep`` column passed through is named by ``kept``
+    (take it from ``table``). ``allocate`` gets the computed columns' dtypes once the first
+    rows are evaluated, and returns the arrays to write them into (a frame's blocks, say).
+    """
     query = _parse(sql)
     inputs = {name: _input(table.column(name), name, keep) for name in table.column_names}
     n = table.num_rows
@@ -128,19 +163,32 @@ def evaluate(
             result = evaluator.select(items)
             if name is not None:
                 relations[name] = result
+        if not outputs:
+            outputs = _allocated(result, n, allocate)
         for name, value in result.items():
-            if value.kept is not None:
-                outputs[name] = value
-            else:
-                if name not in outputs:
-                    outputs[name] = _allocate(value, n)
+            if value.kept is None:
                 _store(outputs[name], value, start, stop)
-    return pa.table(
-        {
-            name: table.column(value.kept) if value.kept is not None else _arrow(value)
-            for name, value in outputs.items()
-        }
-    )
+    return outputs
+
+
+def _allocated(first: dict[str, _Value], n: int, allocate: Allocator | None) -> dict[str, _Value]:
+    """The output columns, shaped after the first chunk's."""
+    computed = {name: v for name, v in first.items() if v.kept is None}
+    for name, value in computed.items():
+        if not isinstance(value.data, np.ndarray):
+            raise UnsupportedSQLError(f"a constant column: {name}")
+    # integer outputs are BIGINT and floats DOUBLE (an input passed through unwidened is
+    # widened as it is stored); text codes stay int32, booleans booleans
+    dtypes = {name: _output_type(v) for name, v in computed.items()}
+    arrays = allocate(dtypes) if allocate else {k: np.empty(n, dtype=d) for k, d in dtypes.items()}
+    return {
+        name: (
+            dataclasses.replace(value, data=None, null=False)
+            if value.kept is not None
+            else _Value(arrays[name], False, date=value.date, labels=value.labels)
+        )
+        for name, value in first.items()
+    }
 
 
 def _input(column: pa.ChunkedArray, name: str, keep: tuple[str, ...]) -> _Value:
@@ -163,37 +211,46 @@ def _input(column: pa.ChunkedArray, name: str, keep: tuple[str, ...]) -> _Value:
 
 
 def _rows(value: _Value, start: int, stop: int) -> _Value:
-    """Rows ``start:stop`` of an input column, numbers widened to int64 or float64."""
+    """Rows ``start:stop`` of an input column (views; :meth:`_Evaluator._numbers` widens)."""
     data, null = value.data, value.null
-    if isinstance(data, np.ndarray):
-        data = data[start:stop].astype(np.float64 if data.dtype.kind == "f" else np.int64)
     return dataclasses.replace(
-        value, data=data, null=null[start:stop] if isinstance(null, np.ndarray) else null
+        value,
+        data=data[start:stop] if isinstance(data, np.ndarray) else data,
+        null=null[start:stop] if isinstance(null, np.ndarray) else null,
     )
 
 
-def _allocate(value: _Value, n: int) -> _Value:
-    if not isinstance(value.data, np.ndarray):
-        raise UnsupportedSQLError("a constant column")
-    return _Value(
-        np.empty(n, dtype=value.data.dtype),
-        np.zeros(n, dtype=bool),
-        date=value.date,
-        labels=value.labels,
-    )
+def _wide(data: Number) -> Number:
+    """Integers as BIGINT (int64) and floats as DOUBLE, as the widened view types them."""
+    if isinstance(data, np.ndarray) and data.dtype.itemsize < 8 and data.dtype.kind in "iuf":
+        return data.astype(np.float64 if data.dtype.kind == "f" else np.int64)
+    return data
+
+
+def _output_type(value: _Value) -> np.dtype:
+    assert isinstance(value.data, np.ndarray)
+    kind = value.data.dtype.kind
+    if value.labels is None and kind in "iuf":
+        return np.dtype(np.float64 if kind == "f" else np.int64)
+    return value.data.dtype
 
 
 def _store(out: _Value, value: _Value, start: int, stop: int) -> None:
-    assert isinstance(out.data, np.ndarray) and isinstance(out.null, np.ndarray)
-    if not isinstance(value.data, np.ndarray) or value.data.dtype != out.data.dtype:
+    assert isinstance(out.data, np.ndarray)
+    if not isinstance(value.data, np.ndarray) or _output_type(value) != out.data.dtype:
         raise UnsupportedSQLError("a column whose type changes between rows")
     if value.labels != out.labels:
         raise UnsupportedSQLError("a text column whose values change between rows")
     out.data[start:stop] = value.data
-    out.null[start:stop] = value.null
+    if value.null is not False:
+        if out.null is False:
+            out.null = np.zeros(len(out.data), dtype=bool)
+        assert isinstance(out.null, np.ndarray)
+        out.null[start:stop] = value.null
 
 
-def _arrow(value: _Value) -> pa.Array:
+def arrow(value: Column) -> pa.Array:
+    """A computed column as Arrow, NULLs as nulls."""
     data, null = value.data, value.null
     assert isinstance(data, np.ndarray)
     mask = null if isinstance(null, np.ndarray) and null.any() else None
@@ -252,6 +309,8 @@ class _Evaluator:
     def __init__(self, rows: dict[str, _Value], keys: dict[int, str], length: int) -> None:
         self.rows, self.keys, self.length = rows, keys, length
         self.memo: dict[str, _Value] = {}
+        # id(value) -> (value, its data widened); the value is held so its id stays its own
+        self.wide: dict[int, tuple[_Value, Number]] = {}
 
     def select(self, items: tuple[exp.Expression, ...]) -> dict[str, _Value]:
         out: dict[str, _Value] = {}
@@ -276,7 +335,9 @@ class _Evaluator:
             raise UnsupportedSQLError(f"arithmetic on text: {node.sql()}")
         if value.data is None:
             raise UnsupportedSQLError(f"arithmetic on NULL: {node.sql()}")
-        return value, value.data
+        if id(value) not in self.wide:
+            self.wide[id(value)] = (value, _wide(value.data))
+        return value, self.wide[id(value)][1]
 
     def _eval(self, node: exp.Expression) -> _Value:
         kind = type(node)

@@ -162,6 +162,35 @@ def _segment_table() -> np.ndarray:
 _SEGMENT_TABLE = _segment_table()
 
 
+def _fifths_within(x: np.ndarray) -> np.ndarray | None:
+    """``min(4, floor(5 * percent_rank))`` of each value within ``x``, without a sort.
+
+    The bucket reaches ``k`` where at least ``t_k`` values are smaller, ``t_k`` the least
+    count whose rank ``t / (n - 1)`` makes ``floor(5 * rank) >= k`` in the very floating-point
+    steps of the rule (so boundaries round as they do there). "At least ``t`` values are
+    smaller than ``v``" is "the ``t``-th smallest is smaller than ``v``", and four order
+    statistics come from one ``np.partition`` in linear time: the total spend of 1.5M
+    customers took 0.15 s to rank by sorting. None where a NaN is present (they rank last,
+    which the sort handles) or there are too few values to need this.
+    """
+    n = len(x)
+    if n < 64 or np.isnan(x).any():
+        return None
+    thresholds = []
+    for k in range(1, 5):
+        t = max(1, (k * (n - 1)) // 5)
+        while np.floor(5 * (t / (n - 1))) < k:
+            t += 1
+        while t > 1 and np.floor(5 * ((t - 1) / (n - 1))) >= k:
+            t -= 1
+        thresholds.append(t)
+    ordered = np.partition(x, [t - 1 for t in thresholds])
+    bucket = np.zeros(n, dtype=np.int32)
+    for t in thresholds:
+        bucket += x > ordered[t - 1]
+    return bucket
+
+
 def _below_within(x: np.ndarray) -> np.ndarray:
     """For each value, how many values of ``x`` are smaller (NaN sorts last, as in SQL)."""
     if len(x) and np.all(np.isfinite(x)) and np.all(x == np.round(x)):
@@ -208,15 +237,17 @@ def rfm_scores(
     out: dict[str, np.ndarray] = {}
     for score, column, descending in SCORED_FEATURES:
         x = np.asarray(values[column], dtype="float64")
-        if reference is None:
-            n, below = len(x), _below_within(x)
-        else:
-            ref = np.sort(np.asarray(reference[column], dtype="float64"))
-            n, below = len(ref), np.searchsorted(ref, x, side="left")
-        if n == 0:
-            raise ValueError("the reference population is empty")
-        rank = below / (n - 1) if n > 1 else np.zeros(len(below))
-        bucket = np.minimum(4, np.floor(5 * rank)).astype("int32")
+        bucket = _fifths_within(x) if reference is None else None
+        if bucket is None:
+            if reference is None:
+                n, below = len(x), _below_within(x)
+            else:
+                ref = np.sort(np.asarray(reference[column], dtype="float64"))
+                n, below = len(ref), np.searchsorted(ref, x, side="left")
+            if n == 0:
+                raise ValueError("the reference population is empty")
+            rank = below / (n - 1) if n > 1 else np.zeros(len(below))
+            bucket = np.minimum(4, np.floor(5 * rank)).astype("int32")
         out[score] = (5 - bucket) if descending else (1 + bucket)
     fm = np.ceil((out["f_score"] + out["m_score"]) / 2.0).astype("int32")
     out["fm_score"] = fm

@@ -2,13 +2,18 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rapport.features.build import build_features
 from rapport.features.segments import (
     SEGMENT_RULES,
     SEGMENTS,
+    _below_within,
+    _fifths_within,
     scores_against,
     segment_of,
     segment_summary,
@@ -91,3 +96,28 @@ def test_scores_against_rank_a_newcomer_in_the_reference():
     assert s["segment"] == segment_of(5, 2)
     with pytest.raises(ValueError, match="empty"):
         scores_against(newcomer, reference.iloc[:0])
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.one_of(st.integers(64, 400), st.sampled_from([1001, 2001, 5001, 64, 65, 66])),
+    distinct=st.integers(1, 50),
+    seed=st.integers(0, 2**16),
+)
+def test_fifths_by_order_statistics_equal_the_ranked_rule(n, distinct, seed):
+    # the partition shortcut must give the bucket the sort-based rule gives, ties and the
+    # boundaries where 5 * rank is a whole number in floating point included
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, distinct, n).astype("float64") * 0.37
+    below = _below_within(x)
+    expected = np.minimum(4, np.floor(5 * (below / (n - 1)))).astype("int32")
+    got = _fifths_within(x)
+    assert got is not None
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_fifths_leave_nan_and_small_populations_to_the_sort():
+    assert _fifths_within(np.arange(10.0)) is None
+    with_nan = np.arange(100.0)
+    with_nan[3] = np.nan
+    assert _fifths_within(with_nan) is None
