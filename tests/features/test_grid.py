@@ -393,14 +393,17 @@ def test_direct_reads_equal_the_sql_rows(tmp_path, kind):
         tx, ix = tmp_path / "tx", tmp_path / "ix"
     sql_tx, sql_ix = _sql_rows(tx, ix, spec, last)
 
-    direct_tx = grid._direct_transactions(tx, last)
+    direct_tx = grid._direct_transactions(tx)
     assert direct_tx is not None
-    assert direct_tx.customer_id.to_pylist() == sql_tx.customer_id.to_pylist()
-    np.testing.assert_array_equal(direct_tx.day, sql_tx.day)
-    np.testing.assert_array_equal(direct_tx.amount, sql_tx.amount)
-    np.testing.assert_array_equal(direct_tx.is_purchase, sql_tx.is_purchase)
+    # the direct read keeps rows after the cutoff (the kernels never read them)
+    upto = direct_tx.day <= (last - dt.date(1970, 1, 1)).days
+    assert len(upto) == 6 and upto.sum() == len(sql_tx.day) == 5
+    ids = direct_tx.customer_id.filter(pa.array(upto)).to_pylist()
+    assert ids == sql_tx.customer_id.to_pylist()
+    np.testing.assert_array_equal(direct_tx.day[upto], sql_tx.day)
+    np.testing.assert_array_equal(direct_tx.amount[upto], sql_tx.amount)
+    np.testing.assert_array_equal(direct_tx.is_purchase[upto], sql_tx.is_purchase)
     assert direct_tx.day.min() == -1  # 1969-12-31, floored
-    assert len(direct_tx.day) == 5  # not the row after the cutoff
 
     direct = grid._direct_interactions(ix, spec, last)
     assert direct is not None
@@ -426,19 +429,16 @@ def test_direct_reads_equal_the_sql_rows(tmp_path, kind):
 def test_inputs_the_direct_readers_cannot_take_go_through_duckdb(tiny_tx, tiny_ix):
     from rapport.features import grid
 
-    last = dt.date(2024, 12, 31)
     text_times = tiny_tx.assign(timestamp=tiny_tx["timestamp"].astype(str))
-    assert grid._direct_transactions(text_times, last) is None
+    assert grid._direct_transactions(text_times) is None
     with_null = tiny_tx.astype({"amount": "float64"})
     with_null.loc[0, "amount"] = np.nan
     assert (
-        grid._direct_transactions(
-            with_null.assign(amount=with_null["amount"].astype("Float64")), last
-        )
+        grid._direct_transactions(with_null.assign(amount=with_null["amount"].astype("Float64")))
         is None
     )
     coded_ids = tiny_tx.assign(customer_id=tiny_tx["customer_id"].astype("category"))
-    assert grid._direct_transactions(coded_ids, last) is None
+    assert grid._direct_transactions(coded_ids) is None
     # and the features still come, by DuckDB's reading, equal to the SQL's
     ix = validate_table(tiny_ix, "interactions")
     grid_frame, sql = _both(
