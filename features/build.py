@@ -321,13 +321,14 @@ def build_features(
         Pin them (a trained model does) to get the same columns on any data.
     validate
         Validate raw inputs (skipped for frames that came out of the loaders). With
-        ``validate=False`` a Parquet path already in the contract is scanned by DuckDB
-        directly, never materialised in pandas: the fast path for large trusted data.
+        ``validate=False`` a Parquet path already in the contract is read directly (Arrow,
+        or DuckDB's scan), never materialised in pandas: the fast path for large trusted data.
     cutoff_batch
         By default (``None``) every cutoff comes from one pass over the events
-        (:mod:`rapport.features.grid`: DuckDB reads the rows, compiled kernels aggregate
-        them, each event once whatever the number of cutoffs, and the features derive from
-        those aggregates by the same SQL), unless event rows times cutoffs are below
+        (:mod:`rapport.features.grid`: the rows are read into Arrow, compiled kernels
+        aggregate them, each event once whatever the number of cutoffs, and the features
+        derive from those aggregates by the same SQL, evaluated on numpy by
+        :mod:`rapport.features.projection`), unless event rows times cutoffs are below
         ``GRID_MIN_ROW_CUTOFFS``, where the feature SQL alone is faster and runs every
         cutoff in one query. A number runs the feature SQL alone, on that many cutoffs per
         query.

@@ -252,10 +252,6 @@ def _is_number(kind: pa.DataType) -> bool:
     )
 
 
-#: Timestamp units per day.
-_PER_DAY = {"s": 86_400, "ms": 86_400_000, "us": 86_400_000_000, "ns": 86_400_000_000_000}
-
-
 def _day_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
     """Days since 1970-01-01 of a timestamp or date column; None for other types.
 
@@ -264,12 +260,15 @@ def _day_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
     """
     kind = column.type
     if pa.types.is_timestamp(kind):
-        values = column.cast(pa.int64()).to_numpy()
-        return (values // _PER_DAY[kind.unit]).astype(np.int32)
+        if kind.tz is not None:
+            # the UTC instant, not the zone's wall clock (Arrow's date of a zoned timestamp)
+            column = column.cast(pa.int64()).cast(pa.timestamp(kind.unit))
+        # Arrow floors to the day, three times faster than numpy's integer division
+        return column.cast(pa.date32()).cast(pa.int32()).to_numpy()
     if pa.types.is_date32(kind):
         return column.cast(pa.int32()).to_numpy()
     if pa.types.is_date64(kind):
-        return (column.cast(pa.int64()).to_numpy() // _PER_DAY["ms"]).astype(np.int32)
+        return (column.cast(pa.int64()).to_numpy() // 86_400_000).astype(np.int32)
     return None
 
 
@@ -518,14 +517,16 @@ class _Coder:
             # offsets in int64 (ids of a narrow type would overflow their own); unsigned ids
             # past int64 are hashed
             if hi - lo < 4 * len(values) + 1024 and hi < 2**63:
-                offset = values.astype(np.int64) - lo
+                from rapport.features import kernels
+
+                wide = values.astype(np.int64, copy=False)
                 seen = np.zeros(hi - lo + 1, dtype=bool)
-                seen[offset] = True
+                kernels.mark_ids(wide, lo, seen)
                 table = np.cumsum(seen, dtype=np.int64) - 1
                 table[~seen] = -1
                 self._lo, self._table = lo, table
                 self.ids = pd.Index((np.flatnonzero(seen) + lo).astype(values.dtype))
-                self.codes = table[offset]
+                self.codes = kernels.lookup_ids(wide, lo, table)
                 return
         codes, uniques = pd.factorize(customer_id.to_pandas(), sort=True)
         self.ids, self.codes = pd.Index(uniques), codes.astype(np.int64, copy=False)
@@ -549,9 +550,9 @@ class _Coder:
         values = customer_id.to_numpy(zero_copy_only=False)
         if self._table is None or customer_id.null_count or values.dtype == np.uint64:
             return np.asarray(self.ids.get_indexer(customer_id.to_pandas()), dtype=np.int64)
-        offset = values.astype(np.int64) - self._lo
-        inside = (offset >= 0) & (offset < len(self._table))
-        return np.where(inside, self._table[np.where(inside, offset, 0)], -1)
+        from rapport.features import kernels
+
+        return kernels.lookup_ids(values.astype(np.int64, copy=False), self._lo, self._table)
 
 
 def grid_tables(

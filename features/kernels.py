@@ -285,6 +285,24 @@ def interaction_kernel(
 
 
 @njit(cache=True, nogil=True)
+def mark_ids(values: np.ndarray, lo: int, seen: np.ndarray) -> None:
+    """``seen[v - lo] = True`` for every id ``v`` (a customer coder's table, one pass)."""
+    for i in range(len(values)):
+        seen[values[i] - lo] = True
+
+
+@njit(cache=True, nogil=True)
+def lookup_ids(values: np.ndarray, lo: int, table: np.ndarray) -> np.ndarray:
+    """``table[v - lo]`` of every id ``v``, -1 where it falls outside the table (one pass)."""
+    out = np.empty(len(values), dtype=np.int64)
+    n = len(table)
+    for i in range(len(values)):
+        at = values[i] - lo
+        out[i] = table[at] if 0 <= at < n else -1
+    return out
+
+
+@njit(cache=True, nogil=True)
 def pick(hit: np.ndarray, yes: np.ndarray, no: np.ndarray, out: np.ndarray) -> None:
     """``out[i] = yes[i] if hit[i] else no[i]``, as a SQL ``CASE`` picks.
 
@@ -319,3 +337,5 @@ def warm() -> None:
     )
     for values in (np.zeros(1), i64, i32, flag):
         pick(flag, values, values, values.copy())
+    mark_ids(i64, 0, flag.copy())
+    lookup_ids(i64, 0, i64)

@@ -363,7 +363,7 @@ def _awkward_inputs():
                 ],
                 format="ISO8601",
                 utc=True,
-            ),
+            ).tz_convert("Asia/Kolkata"),  # a wall clock whose dates are not UTC's
             "channel": ["email", "Email", "web", "email", "sms", "web", "phone"],
             "event": ["open", "open", "visit", "click", "reply", "bounce", "complaint"],
         }
