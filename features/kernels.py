@@ -42,32 +42,70 @@ def is_grouped(code: np.ndarray, day: np.ndarray, refund: np.ndarray) -> bool:
 def group_order(code: np.ndarray, day: np.ndarray, refund: np.ndarray, n: int) -> np.ndarray:
     """A stable order of the rows by (code, day, refund).
 
-    A counting sort by code (one pass to count, one to place), then each customer's rows
-    sorted by (day, refund) where they are not in that order already: exports mostly come
-    grouped, or at least in time order, so the second step rarely sorts anything.
+    Exports mostly come grouped by customer, or at least in time order. Rows whose codes
+    already ascend keep their places (no scatter), rows that do not get a counting sort by
+    code; then each customer's rows are sorted by (day, refund) where they are not in that
+    order already (a refund listed before a purchase of its day, say). Where many customers'
+    rows are out of time order (rows in random order), a least-significant-digit radix sort
+    (by day and refund, then by code: two stable counting sorts) replaces the per-customer
+    sorts, which took 1.2 s for 10M shuffled rows.
     """
+    m = len(code)
     starts = np.zeros(n + 1, dtype=np.int64)
-    for i in range(len(code)):
+    ascending = True
+    for i in range(m):
         starts[code[i] + 1] += 1
+        if i > 0 and code[i] < code[i - 1]:
+            ascending = False
     for c in range(n):
         starts[c + 1] += starts[c]
-    fill = starts[:-1].copy()
-    order = np.empty(len(code), dtype=np.int64)
-    for i in range(len(code)):
-        c = code[i]
-        order[fill[c]] = i
-        fill[c] += 1
+    order = np.arange(m) if ascending else _by_code(code, np.arange(m), starts)
+    unordered = 0
     for c in range(n):
-        lo, hi = starts[c], starts[c + 1]
+        for i in range(starts[c] + 1, starts[c + 1]):
+            if _before(code, day, refund, order[i], order[i - 1]):
+                unordered += 1
+                break
+    if unordered == 0:
+        return order
+    if unordered > n // 64:
+        # radix: rows by (day, refund), then stably by code
+        lo = day.min() if m else 0
+        width = 2 * (int(day.max()) - int(lo) + 1) if m else 1
+        key_starts = np.zeros(width + 1, dtype=np.int64)
+        for i in range(m):
+            key_starts[2 * (day[i] - lo) + refund[i] + 1] += 1
+        for k in range(width):
+            key_starts[k + 1] += key_starts[k]
+        by_key = np.empty(m, dtype=np.int64)
+        for i in range(m):
+            k = 2 * (day[i] - lo) + refund[i]
+            by_key[key_starts[k]] = i
+            key_starts[k] += 1
+        return _by_code(code, by_key, starts)
+    for c in range(n):
+        lo_c, hi_c = starts[c], starts[c + 1]
         ordered = True
-        for i in range(lo + 1, hi):
+        for i in range(lo_c + 1, hi_c):
             if _before(code, day, refund, order[i], order[i - 1]):
                 ordered = False
                 break
         if not ordered:
-            segment = order[lo:hi].copy()
+            segment = order[lo_c:hi_c].copy()
             key = day[segment].astype(np.int64) * 2 + refund[segment]
-            order[lo:hi] = segment[np.argsort(key, kind="mergesort")]
+            order[lo_c:hi_c] = segment[np.argsort(key, kind="mergesort")]
+    return order
+
+
+@njit(cache=True, nogil=True)
+def _by_code(code: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """``rows`` stably counting-sorted by code; ``starts`` holds each code's first place."""
+    fill = starts[:-1].copy()
+    order = np.empty(len(rows), dtype=np.int64)
+    for r in rows:
+        c = code[r]
+        order[fill[c]] = r
+        fill[c] += 1
     return order
 
 

@@ -260,6 +260,30 @@ def test_kernel_grouping_is_a_stable_sort_by_customer_day_and_refund(rows):
     np.testing.assert_array_equal(order, expected)
 
 
+@pytest.mark.parametrize("layout", ["grouped", "one_out_of_order", "by_time", "shuffled"])
+def test_kernel_grouping_takes_each_path_to_the_same_order(layout):
+    """Codes already ascending, a few customers to sort in place, or a radix sort: one order."""
+    from rapport.features import kernels
+
+    rng = np.random.default_rng(4)
+    n_customers, per = 500, 6
+    code = np.repeat(np.arange(n_customers, dtype=np.int64), per)
+    day = np.sort(rng.integers(0, 90, (n_customers, per)).astype(np.int32), axis=1).ravel()
+    refund = np.zeros(len(code), dtype=bool)
+    refund[per - 1 :: per] = True  # each customer's last row: still in (day, refund) order
+    if layout == "one_out_of_order":
+        day[7] = day[6] - 1  # customer 1's second row is a day before its first
+    elif layout == "by_time":
+        by_time = np.lexsort((refund, day))
+        code, day, refund = code[by_time], day[by_time], refund[by_time]
+    elif layout == "shuffled":
+        mixed = rng.permutation(len(code))
+        code, day, refund = code[mixed], day[mixed], refund[mixed]
+    expected = np.lexsort((refund, day, code))
+    order = kernels.group_order(code, day, refund, n_customers)
+    np.testing.assert_array_equal(order, expected)
+
+
 @pytest.mark.parametrize(
     "ids",
     [
