@@ -212,7 +212,9 @@ def _direct_transactions(source: Source) -> _TransactionRows | None:
     if day is None:
         return None
     amount = table.column("amount").cast(pa.float64()).to_numpy()
-    return _TransactionRows(table.column("customer_id"), day, amount, amount >= 0)
+    # DuckDB orders NaN above every number, so `amount >= 0` holds for it there
+    is_purchase = (amount >= 0) | np.isnan(amount)
+    return _TransactionRows(table.column("customer_id"), day, amount, is_purchase)
 
 
 def _read_arrow(

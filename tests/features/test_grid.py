@@ -8,6 +8,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -369,7 +370,7 @@ def _awkward_inputs():
                 ],
                 format="ISO8601",
             ),
-            "amount": [10, -5, 0, 12, 7, 3],  # integers: DuckDB reads them as such
+            "amount": [10.0, -5.0, 0.0, 12.0, 7.5, 3.0],
         }
     )
     ix = pd.DataFrame(
@@ -405,15 +406,27 @@ def test_direct_reads_equal_the_sql_rows(tmp_path, kind):
     from rapport.features import grid
 
     tx, ix, spec, last = _awkward_inputs()
+
+    def write(frame, path):
+        # NaN kept as NaN (pandas' to_parquet writes it as a null): a NaN amount is a
+        # purchase to DuckDB, which orders NaN above every number
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if "amount" in frame:
+            at = table.schema.get_field_index("amount")
+            table = table.set_column(at, "amount", pa.array(frame["amount"].to_numpy()))
+        pq.write_table(table, path)
+
+    if kind != "frame":
+        tx.loc[3, "amount"] = float("nan")  # a frame hands NaN to Arrow as a null: DuckDB reads it
     if kind == "parquet_file":
-        tx.to_parquet(tmp_path / "tx.parquet")
-        ix.to_parquet(tmp_path / "ix.parquet")
+        write(tx, tmp_path / "tx.parquet")
+        write(ix, tmp_path / "ix.parquet")
         tx, ix = tmp_path / "tx.parquet", tmp_path / "ix.parquet"
     elif kind == "parquet_folder":
         for name, frame in (("tx", tx), ("ix", ix)):
             (tmp_path / name).mkdir()
-            frame.iloc[:3].to_parquet(tmp_path / name / "a.parquet")
-            frame.iloc[3:].to_parquet(tmp_path / name / "b.parquet")
+            write(frame.iloc[:3], tmp_path / name / "a.parquet")
+            write(frame.iloc[3:], tmp_path / name / "b.parquet")
         tx, ix = tmp_path / "tx", tmp_path / "ix"
     sql_tx, sql_ix = _sql_rows(tx, ix, spec, last)
 
