@@ -253,10 +253,7 @@ def _arrow(result: duckdb.DuckDBPyConnection) -> pa.Table:
     """A query's whole result as Arrow, ``as_of`` as a timestamp."""
     # to_arrow_table from duckdb 1.5 on; fetch_arrow_table (deprecated there) before
     fetch = getattr(result, "to_arrow_table", None) or result.fetch_arrow_table
-    return _timestamp_as_of(fetch())
-
-
-def _timestamp_as_of(table: pa.Table) -> pa.Table:
+    table = fetch()
     as_of = table.schema.get_field_index("as_of")
     return table.set_column(as_of, "as_of", table.column(as_of).cast(pa.timestamp("us")))
 
@@ -399,33 +396,32 @@ class _Stacker:
         self.other: dict[str, list[pd.Series]] = {}
 
     def _allocate(self, schema: pa.Schema) -> None:
-        self.names = schema.names
-        sizes: dict[np.dtype, int] = {}
+        dtypes: dict[str, np.dtype | None] = {}
         for field in schema:
             kind = field.type
             if pa.types.is_integer(kind) or pa.types.is_floating(kind):
-                dtype = np.dtype(kind.to_pandas_dtype())
+                dtypes[field.name] = np.dtype(kind.to_pandas_dtype())
             elif pa.types.is_timestamp(kind) and kind.tz is None:
-                dtype = np.dtype(f"datetime64[{kind.unit}]")
+                dtypes[field.name] = np.dtype(f"datetime64[{kind.unit}]")
             else:
-                self.other[field.name] = []
-                continue
-            self.slot[field.name] = (dtype, sizes.get(dtype, 0))
-            sizes[dtype] = sizes.get(dtype, 0) + 1
-        # untouched until written: the pages are taken as the batches come in
-        self.blocks = {dtype: np.empty((n, self.total_rows), dtype) for dtype, n in sizes.items()}
+                dtypes[field.name] = None
+        self._allocate_for(dtypes)
 
     def _allocate_like(self, frame: pd.DataFrame) -> None:
         """Blocks for a frame's numeric columns (numpy dtypes), as :meth:`_allocate`."""
-        self.names = list(frame.columns)
-        sizes: dict[np.dtype, int] = {}
-        for name, dtype in frame.dtypes.items():
-            if isinstance(dtype, np.dtype) and dtype.kind in "iufM":
-                self.slot[str(name)] = (dtype, sizes.get(dtype, 0))
-                sizes[dtype] = sizes.get(dtype, 0) + 1
-            else:
-                self.other[str(name)] = []
-        self.blocks = {dtype: np.empty((n, self.total_rows), dtype) for dtype, n in sizes.items()}
+        numeric = {
+            str(name): dtype if isinstance(dtype, np.dtype) and dtype.kind in "iufM" else None
+            for name, dtype in frame.dtypes.items()
+        }
+        self._allocate_for(numeric)
+
+    def _allocate_for(self, dtypes: dict[str, np.dtype | None]) -> None:
+        """Blocks for the columns with a dtype; the others (None) are joined at the end."""
+        self.names = list(dtypes)
+        self.other = {name: [] for name, dtype in dtypes.items() if dtype is None}
+        self.blocks, self.slot = _block_layout(
+            {name: dtype for name, dtype in dtypes.items() if dtype is not None}, self.total_rows
+        )
 
     def add(self, table: pa.Table | pd.DataFrame) -> None:
         """Copy ``table`` into the result, its rows after the previous batch's."""
@@ -481,6 +477,21 @@ class _Stacker:
         frame = _frame_of_blocks(self.names, self.total_rows, self.blocks, self.slot, other)
         self.blocks, self.other = {}, {}
         return frame
+
+
+def _block_layout(
+    dtypes: dict[str, np.dtype], n: int
+) -> tuple[dict[np.dtype, np.ndarray], dict[str, tuple[np.dtype, int]]]:
+    """2-D blocks of ``n`` rows, one per dtype, and each column's (dtype, row) in them.
+
+    The blocks are untouched until written: their pages are taken as the values come in.
+    """
+    slot: dict[str, tuple[np.dtype, int]] = {}
+    sizes: dict[np.dtype, int] = {}
+    for name, dtype in dtypes.items():
+        slot[name] = (dtype, sizes.get(dtype, 0))
+        sizes[dtype] = sizes.get(dtype, 0) + 1
+    return {dtype: np.empty((k, n), dtype) for dtype, k in sizes.items()}, slot
 
 
 def _frame_of_blocks(
@@ -646,12 +657,10 @@ def _grid_frame(sql: str, grid: pa.Table, columns: list[str]) -> pd.DataFrame:
     wanted = set(columns)
 
     def allocate(dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
-        numeric = [c for c in columns if c in dtypes and dtypes[c] in _BLOCK_TYPES]
-        for name in numeric:
-            slot[name] = (dtypes[name], sum(1 for d, _ in slot.values() if d == dtypes[name]))
-        for dtype in {d for d, _ in slot.values()}:
-            # untouched until written: the pages are taken as the rows come in
-            blocks[dtype] = np.empty((sum(1 for d, _ in slot.values() if d == dtype), n), dtype)
+        numeric = {c: dtypes[c] for c in columns if c in dtypes and dtypes[c] in _BLOCK_TYPES}
+        layout, places = _block_layout(numeric, n)
+        blocks.update(layout)
+        slot.update(places)
         return {
             name: blocks[slot[name][0]][slot[name][1]] if name in slot else np.empty(n, dtype)
             for name, dtype in dtypes.items()

@@ -60,40 +60,36 @@ def group_order(code: np.ndarray, day: np.ndarray, refund: np.ndarray, n: int) -
     for c in range(n):
         starts[c + 1] += starts[c]
     order = np.arange(m) if ascending else _by_code(code, np.arange(m), starts)
-    unordered = 0
+    # the customers whose rows are not in (day, refund) order, the first `k` of these
+    out_of_order = np.empty(n, dtype=np.int64)
+    k = 0
     for c in range(n):
         for i in range(starts[c] + 1, starts[c + 1]):
             if _before(code, day, refund, order[i], order[i - 1]):
-                unordered += 1
+                out_of_order[k] = c
+                k += 1
                 break
-    if unordered == 0:
+    if k == 0:
         return order
-    if unordered > n // 64:
+    if k > n // 64:
         # radix: rows by (day, refund), then stably by code
         lo = day.min() if m else 0
         width = 2 * (int(day.max()) - int(lo) + 1) if m else 1
         key_starts = np.zeros(width + 1, dtype=np.int64)
         for i in range(m):
             key_starts[2 * (day[i] - lo) + refund[i] + 1] += 1
-        for k in range(width):
-            key_starts[k + 1] += key_starts[k]
+        for key in range(width):
+            key_starts[key + 1] += key_starts[key]
         by_key = np.empty(m, dtype=np.int64)
         for i in range(m):
-            k = 2 * (day[i] - lo) + refund[i]
-            by_key[key_starts[k]] = i
-            key_starts[k] += 1
+            key = 2 * (day[i] - lo) + refund[i]
+            by_key[key_starts[key]] = i
+            key_starts[key] += 1
         return _by_code(code, by_key, starts)
-    for c in range(n):
-        lo_c, hi_c = starts[c], starts[c + 1]
-        ordered = True
-        for i in range(lo_c + 1, hi_c):
-            if _before(code, day, refund, order[i], order[i - 1]):
-                ordered = False
-                break
-        if not ordered:
-            segment = order[lo_c:hi_c].copy()
-            key = day[segment].astype(np.int64) * 2 + refund[segment]
-            order[lo_c:hi_c] = segment[np.argsort(key, kind="mergesort")]
+    for c in out_of_order[:k]:
+        segment = order[starts[c] : starts[c + 1]].copy()
+        by_day = day[segment].astype(np.int64) * 2 + refund[segment]
+        order[starts[c] : starts[c + 1]] = segment[np.argsort(by_day, kind="mergesort")]
     return order
 
 
