@@ -616,24 +616,31 @@ def _grid_feature_tables(
     The base aggregates come from compiled kernels, the features from them by the same SQL;
     each table is cut to ``columns`` and comes with the rows of all tables together.
     """
-    from rapport.features.grid import grid_tables
+    from rapport.features.grid import grid_tables, small_pages
 
     unpacked = dataclasses.replace(spec, pack_counts=False)
     sql = defs.features_sql(unpacked, source="grid")
     with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
         tables = grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS, sources=(tx, ix))
-        for grid, total_rows in tables:
+        while True:
             batch: pa.Table | pd.DataFrame
-            try:
-                # the same SQL on numpy arrays, written into the frame's blocks: DuckDB's
-                # result conversion alone took as long as the whole evaluation here
-                batch = _grid_frame(sql, grid, columns)
-            except projection.UnsupportedSQLError:
-                table = _duckdb_projection(con, sql, grid, keep_order)
-                batch = _with_scores(table).select(columns)
-                del table
-            del grid
+            # 4 KiB pages while the grid computes (see small_pages), not while the caller runs
+            with small_pages():
+                item = next(tables, None)
+                if item is None:
+                    break
+                grid, total_rows = item
+                del item
+                try:
+                    # the same SQL on numpy arrays, written into the frame's blocks: DuckDB's
+                    # result conversion alone took as long as the whole evaluation here
+                    batch = _grid_frame(sql, grid, columns)
+                except projection.UnsupportedSQLError:
+                    table = _duckdb_projection(con, sql, grid, keep_order)
+                    batch = _with_scores(table).select(columns)
+                    del table
+                del grid
             yield batch, total_rows
             del batch  # before the next batch is computed
 

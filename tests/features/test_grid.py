@@ -483,3 +483,54 @@ def test_inputs_the_direct_readers_cannot_take_go_through_duckdb(tiny_tx, tiny_i
     )
     pd.testing.assert_frame_equal(grid_frame, sql)
     assert len(grid_frame) > 0
+
+
+def _hugepage_advice(enabled: bool | None = None) -> bool:
+    """numpy's huge-page advice; set to ``enabled`` when given (the previous value back)."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy < 2
+        from numpy.core import multiarray
+    if enabled is not None:
+        return bool(multiarray._set_madvise_hugepage(enabled))
+    return bool(multiarray._get_madvise_hugepage())
+
+
+@pytest.fixture
+def huge_page_advice():
+    """numpy advising huge pages (its default on Linux) for the test, as it was afterwards."""
+    previous = _hugepage_advice(True)
+    yield
+    _hugepage_advice(previous)
+
+
+def test_the_grid_computes_on_small_pages_and_leaves_numpy_as_it_was(
+    tiny_tx, tiny_ix, monkeypatch, huge_page_advice
+):
+    from rapport.features import grid
+
+    monkeypatch.delenv("NUMPY_MADVISE_HUGEPAGE", raising=False)
+    seen: list[bool] = []
+    kernel = grid._transaction_columns
+
+    def spy(*args, **kwargs):
+        seen.append(_hugepage_advice())
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(grid, "_transaction_columns", spy)
+    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 1)  # one cutoff a batch
+    batches = iter_features(tiny_tx, tiny_ix, as_of=["2024-01-31", "2024-02-29"])
+    first = next(batches)
+    # between batches the caller runs with numpy's own advice
+    assert len(first) and seen == [False] and _hugepage_advice() is True
+    assert len(list(batches)) == 1 and seen == [False, False]
+    assert _hugepage_advice() is True
+    with grid.small_pages(), grid.small_pages():
+        assert _hugepage_advice() is False
+    assert _hugepage_advice() is True
+
+    # a user who chose the advice keeps it
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    seen.clear()
+    build_features(tiny_tx, tiny_ix, as_of="2024-02-29")
+    assert seen == [True]
