@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -94,7 +97,11 @@ def _parse(sql: str) -> _Query:
 
 #: Rows evaluated at a time: temporaries of this size stay in cache and in the allocator's
 #: reach, where whole-column temporaries (12 MB at 1.5M customers) each cost fresh pages.
-CHUNK_ROWS = 1 << 16
+#: With threads, 65,536 rows (512 KB temporaries) were fresh pages again: 420k page faults
+#: against 190k, the frame's own.
+CHUNK_ROWS = 1 << 15
+#: Threads that evaluate chunks side by side (at most; no more than the CPUs).
+MAX_THREADS = 4
 
 
 def evaluate(
@@ -152,8 +159,8 @@ def evaluate_columns(
     query = _parse(sql)
     inputs = {name: _input(table.column(name), name, keep) for name in table.column_names}
     n = table.num_rows
-    outputs: dict[str, _Value] = {}
-    for start in range(0, max(n, 1), chunk_rows):
+
+    def rows(start: int) -> dict[str, _Value]:
         stop = min(start + chunk_rows, n)
         relations = {source: {name: _rows(v, start, stop) for name, v in inputs.items()}}
         for name, read, items in query.selects:
@@ -163,11 +170,31 @@ def evaluate_columns(
             result = evaluator.select(items)
             if name is not None:
                 relations[name] = result
-        if not outputs:
-            outputs = _allocated(result, n, allocate)
+        return result
+
+    first = rows(0)
+    outputs = _allocated(first, n, allocate)
+    nulls = threading.Lock()
+
+    def store(start: int, result: dict[str, _Value]) -> None:
+        stop = min(start + chunk_rows, n)
         for name, value in result.items():
             if value.kept is None:
-                _store(outputs[name], value, start, stop)
+                _store(outputs[name], value, start, stop, nulls)
+
+    store(0, first)
+    del first
+    starts = range(chunk_rows, n, chunk_rows)
+    workers = min(len(starts), os.cpu_count() or 1, MAX_THREADS)
+    if workers > 1:
+        # chunks write disjoint rows, and numpy releases the GIL in its loops: the cores
+        # share the arithmetic and the first touch of the output pages
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for _ in pool.map(lambda start: store(start, rows(start)), starts):
+                pass
+    else:
+        for start in starts:
+            store(start, rows(start))
     return outputs
 
 
@@ -235,7 +262,8 @@ def _output_type(value: _Value) -> np.dtype:
     return value.data.dtype
 
 
-def _store(out: _Value, value: _Value, start: int, stop: int) -> None:
+def _store(out: _Value, value: _Value, start: int, stop: int, nulls: threading.Lock) -> None:
+    """Rows ``start:stop`` of ``out`` from ``value``; ``nulls`` guards the first NULL mask."""
     assert isinstance(out.data, np.ndarray)
     if not isinstance(value.data, np.ndarray) or _output_type(value) != out.data.dtype:
         raise UnsupportedSQLError("a column whose type changes between rows")
@@ -243,8 +271,9 @@ def _store(out: _Value, value: _Value, start: int, stop: int) -> None:
         raise UnsupportedSQLError("a text column whose values change between rows")
     out.data[start:stop] = value.data
     if value.null is not False:
-        if out.null is False:
-            out.null = np.zeros(len(out.data), dtype=bool)
+        with nulls:
+            if out.null is False:
+                out.null = np.zeros(len(out.data), dtype=bool)
         assert isinstance(out.null, np.ndarray)
         out.null[start:stop] = value.null
 
