@@ -78,10 +78,17 @@ class _Transactions:
 
 @dataclasses.dataclass
 class _Interactions:
-    """Interaction rows as arrays: customer code (-1: never bought), day and their codes."""
+    """Interaction rows as arrays: customer code (-1: never bought), day, combination.
+
+    A row's codes depend on its (channel, event) alone, so each row holds the number of its
+    combination (``combo``, 2 bytes) and the codes are tables over the combinations: pair
+    (``len(spec.interaction_pairs)`` for none), channel (-1 for none), response, complaint.
+    Four per-row code arrays cost 125 MB of fresh pages at 12.6M rows.
+    """
 
     code: np.ndarray
     day: np.ndarray
+    combo: np.ndarray
     pair: np.ndarray
     channel: np.ndarray
     response: np.ndarray
@@ -116,11 +123,51 @@ class _Events:
 Source = pd.DataFrame | Path
 
 
+class _Ids:
+    """Customer ids as read: integers in one int64 array (coded in place), others as Arrow.
+
+    ``type`` is the ids' Arrow type, whatever holds them. Once :class:`_Coder` has coded an
+    integer array in place, it holds codes, not ids.
+    """
+
+    def __init__(self, kind: pa.DataType, n: int) -> None:
+        self.type = kind
+        self.values = np.empty(n, dtype=np.int64) if _fits_int64(kind) else None
+        self.chunks: list[pa.Array] = []
+
+    @classmethod
+    def of(cls, column: pa.ChunkedArray) -> _Ids:
+        """Ids of a whole column (with nulls they stay Arrow)."""
+        ids = cls(column.type, 0)
+        if ids.values is not None and column.null_count == 0:
+            values = column.to_numpy()
+            # writeable, as the coder writes codes over the ids
+            ids.values = values.astype(np.int64, copy=not values.flags.writeable)
+        else:
+            ids.values, ids.chunks = None, list(column.chunks)
+        return ids
+
+    def put(self, column: pa.Array, start: int, stop: int) -> None:
+        if self.values is not None:
+            self.values[start:stop] = column.to_numpy()
+        else:
+            self.chunks.append(column)
+
+    def arrow(self) -> pa.ChunkedArray:
+        if self.values is not None:
+            return pa.chunked_array([pa.array(self.values).cast(self.type)])
+        return pa.chunked_array(self.chunks, type=self.type)
+
+
+def _fits_int64(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_signed_integer(kind) or kind in (pa.uint8(), pa.uint16(), pa.uint32()))
+
+
 @dataclasses.dataclass
 class _TransactionRows:
-    """Transaction rows as the SQL's ``transaction_rows_sql`` selects them, ids still Arrow."""
+    """Transaction rows as the SQL's ``transaction_rows_sql`` selects them, ids not coded."""
 
-    customer_id: pa.ChunkedArray
+    customer_id: _Ids
     day: np.ndarray
     amount: np.ndarray
     is_purchase: np.ndarray
@@ -190,7 +237,7 @@ def _sql_transactions(con: duckdb.DuckDBPyConnection) -> _TransactionRows:
     """The transaction rows as DuckDB selects them (``transaction_rows_sql``)."""
     rows = con.execute(defs.transaction_rows_sql()).to_arrow_table()
     return _TransactionRows(
-        customer_id=rows.column("customer_id"),
+        customer_id=_Ids.of(rows.column("customer_id")),
         day=_days(rows.column("day")),
         amount=rows.column("amount").to_numpy().astype(np.float64, copy=False),
         is_purchase=_flags(rows.column("is_purchase")),
@@ -206,60 +253,102 @@ def _direct_transactions(source: Source) -> _TransactionRows | None:
     cutoff to appear at), and filtering 10M rows cost more than it saved. Tests prove the
     two readers equal up to the cutoff, and the features equal.
     """
-    table = _read_arrow(source, ("customer_id", "timestamp", "amount"))
-    if table is None or not _is_number(table.column("amount").type):
+    read = _batches(source, ("customer_id", "timestamp", "amount"))
+    if read is None:
         return None
-    day = _day_numbers(table.column("timestamp"))
-    if day is None:
+    n, schema, batches = read
+    kinds = [schema.field(c).type for c in ("customer_id", "timestamp", "amount")]
+    if not (_is_id(kinds[0]) and _is_time(kinds[1]) and _is_number(kinds[2])):
         return None
-    amount = table.column("amount").cast(pa.float64()).to_numpy()
+    ids = _Ids(kinds[0], n)
+    day, amount = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.float64)
+    for start, stop, batch in batches:
+        ids.put(batch.column(0), start, stop)
+        day[start:stop] = _day_numbers(batch.column(1))
+        amount[start:stop] = batch.column(2).cast(pa.float64()).to_numpy()
+    if batches.failed:
+        return None
     # DuckDB orders NaN above every number, so `amount >= 0` holds for it there
     is_purchase = (amount >= 0) | np.isnan(amount)
-    return _TransactionRows(table.column("customer_id"), day, amount, is_purchase)
+    return _TransactionRows(ids, day, amount, is_purchase)
 
 
-def _read_arrow(
-    source: Source, columns: Sequence[str], dictionary: Sequence[str] = ()
-) -> pa.Table | None:
-    """``columns`` of a frame or a Parquet file (or folder) as Arrow.
+class _Batches:
+    """Record batches with their first and past-last row.
 
-    ``dictionary`` columns come dictionary-encoded. None where there are nulls, the ids are
-    categorical or the read fails: DuckDB reads the input then, and reports what it finds.
+    ``failed`` once one could not be read or held a null: DuckDB reads the input then, and
+    reports what it finds.
     """
-    import pyarrow.dataset as ds
+
+    def __init__(self, batches: Iterator[pa.RecordBatch], n: int) -> None:
+        self._batches, self._n, self.failed = batches, n, False
+
+    def __iter__(self) -> Iterator[tuple[int, int, pa.RecordBatch]]:
+        start = 0
+        try:
+            for batch in self._batches:
+                stop = start + batch.num_rows
+                if stop > self._n or any(c.null_count for c in batch.columns):
+                    self.failed = True
+                    return
+                yield start, stop, batch
+                start = stop
+        except (pa.ArrowException, ValueError, TypeError, OSError):
+            self.failed = True
+            return
+        self.failed = start != self._n
+
+
+def _batches(
+    source: Source, columns: Sequence[str], dictionary: Sequence[str] = ()
+) -> tuple[int, pa.Schema, _Batches] | None:
+    """``columns`` of a frame or a Parquet file (or folder): rows, schema and batches.
+
+    Parquet files are read a row group at a time: each group's Arrow buffers are reused
+    for the next, and only the compact arrays the kernels read are kept (whole tables were
+    540 MB of fresh pages at 10M + 12.6M rows, and Arrow's allocator took 0.9-1.1 s to hand
+    them out on most runs). ``dictionary`` columns come dictionary-encoded. None where Arrow
+    cannot read the input, or the files disagree on a column's type; DuckDB reads it then.
+    """
+    import pyarrow.parquet as pq
 
     try:
         if isinstance(source, pd.DataFrame):
             table = pa.Table.from_pandas(source[list(columns)], preserve_index=False)
-        else:
-            # the files DuckDB's read_parquet reads for the same path (see build._bind)
-            files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
-            if not files:
-                return None
-            options = ds.ParquetReadOptions(dictionary_columns=list(dictionary))
-            table = ds.dataset(
-                [str(f) for f in files], format=ds.ParquetFileFormat(read_options=options)
-            ).to_table(columns=list(columns), memory_pool=_read_pool())
+            return table.num_rows, table.schema, _Batches(iter(table.to_batches()), table.num_rows)
+        # the files DuckDB's read_parquet reads for the same path (see build._bind)
+        files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
+        if not files:
+            return None
+        readers = [pq.ParquetFile(f, read_dictionary=list(dictionary)) for f in files]
+        schemas = [pa.schema([r.schema_arrow.field(c) for c in columns]) for r in readers]
+        if any(other != schemas[0] for other in schemas[1:]):
+            return None
+        n = sum(r.metadata.num_rows for r in readers)
+        rows = (
+            batch
+            for reader in readers
+            for group in range(reader.num_row_groups)
+            for batch in reader.read_row_group(group, columns=list(columns)).to_batches()
+        )
+        return n, schemas[0], _Batches(rows, n)
     except (pa.ArrowException, KeyError, ValueError, TypeError, OSError):
         return None
-    if any(table.column(c).null_count for c in columns):
-        return None
-    if "customer_id" in columns and pa.types.is_dictionary(table.column("customer_id").type):
-        return None
-    return table
 
 
-def _read_pool() -> pa.MemoryPool:
-    """The memory pool the event rows are read into: jemalloc where Arrow has it.
+def _is_id(kind: pa.DataType) -> bool:
+    # categorical ids go through DuckDB, which compares them as their values
+    return not pa.types.is_dictionary(kind) and not pa.types.is_null(kind)
 
-    Arrow's default, mimalloc, took 0.9-1.1 s of wall and twice that in CPU to read the
-    10M + 12.6M benchmark rows on most runs, against a steady 0.42-0.55 s from jemalloc (the
-    first reads of a process, into fresh memory; later reads were as fast in either).
-    """
-    try:
-        return pa.jemalloc_memory_pool()
-    except NotImplementedError:  # builds without jemalloc (Windows)
-        return pa.default_memory_pool()
+
+def _is_time(kind: pa.DataType) -> bool:
+    return bool(pa.types.is_timestamp(kind) or pa.types.is_date(kind))
+
+
+def _is_text(kind: pa.DataType) -> bool:
+    if pa.types.is_dictionary(kind):
+        kind = kind.value_type
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
 _pages_lock = threading.Lock()
@@ -310,8 +399,8 @@ def _is_number(kind: pa.DataType) -> bool:
     )
 
 
-def _day_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
-    """Days since 1970-01-01 of a timestamp or date column; None for other types.
+def _day_numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Days since 1970-01-01 of a timestamp or date column (see :func:`_is_time`).
 
     As ``CAST(timestamp AS DATE)`` gives them in a UTC session: floored, and a zoned
     timestamp's UTC date.
@@ -327,22 +416,7 @@ def _day_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
         return column.cast(pa.int32()).to_numpy()
     if pa.types.is_date64(kind):
         return (column.cast(pa.int64()).to_numpy() // 86_400_000).astype(np.int32)
-    return None
-
-
-def _dictionary_codes(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]] | None:
-    """Each row's position in the column's distinct text values, and those values."""
-    if not pa.types.is_dictionary(column.type):
-        column = column.dictionary_encode()
-    values = column.type.value_type
-    if not (pa.types.is_string(values) or pa.types.is_large_string(values)):
-        return None
-    column = column.unify_dictionaries()
-    if column.num_chunks == 0:
-        return np.empty(0, dtype=np.int32), []
-    codes = [chunk.indices.to_numpy(zero_copy_only=False) for chunk in column.chunks]
-    joined = codes[0] if len(codes) == 1 else np.concatenate(codes)
-    return joined.astype(np.int32, copy=False), column.chunk(0).dictionary.to_pylist()
+    raise TypeError(f"not a time: {kind}")
 
 
 def _load_interactions(
@@ -355,10 +429,9 @@ def _load_interactions(
 ) -> _Interactions:
     """The interaction rows, coded by the SQL, customers by the transactions' codes.
 
-    Rows whose pair is not in ``spec`` get the pair code ``len(spec.interaction_pairs)``,
-    rows whose channel is not, -1. Read without DuckDB where :func:`_direct_interactions`
-    can; rows after the last cutoff are then kept, and the kernel, which adds a row to the
-    cutoffs that see it, leaves them out.
+    Read without DuckDB where :func:`_direct_interactions` can; rows after the last cutoff
+    are then kept, and the kernel, which adds a row to the cutoffs that see it, leaves them
+    out.
     """
     direct = (
         None
@@ -372,9 +445,9 @@ def _load_interactions(
     with one_query or contextlib.nullcontext():
         coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     return _Interactions(
-        code=coder_ready.result().code_of(coded.column("customer_id")),
+        code=coder_ready.result().code_of(_Ids.of(coded.column("customer_id"))),
         day=_days(coded.column("day")),
-        **_codes(coded, spec),
+        **_combined(_codes(coded, spec), len(spec.channels)),
     )
 
 
@@ -393,37 +466,88 @@ def _codes(coded: pa.Table, spec: defs.FeatureSpec) -> dict[str, np.ndarray]:
     }
 
 
+def _combined(codes: dict[str, np.ndarray], n_channels: int) -> dict[str, np.ndarray]:
+    """Per-row codes as each row's combination and the codes of the combinations."""
+    pair, channel = codes["pair"].astype(np.int64), codes["channel"].astype(np.int64)
+    key = ((pair * (n_channels + 1) + channel + 1) * 2 + codes["response"]) * 2
+    key += codes["complaint"]
+    keys, combo = np.unique(key, return_inverse=True)
+    rest = keys >> 2
+    return {
+        "combo": combo.astype(np.uint16 if len(keys) <= 1 << 16 else np.int32),
+        "pair": (rest // (n_channels + 1)).astype(np.int32),
+        "channel": (rest % (n_channels + 1) - 1).astype(np.int32),
+        "response": (keys >> 1 & 1).astype(bool),
+        "complaint": (keys & 1).astype(bool),
+    }
+
+
+class _Combinations:
+    """The (channel, event) combinations met so far, numbered as met."""
+
+    def __init__(self) -> None:
+        self.numbers: dict[tuple[str, str], int] = {}
+
+    def table(self, channels: list[str], events: list[str]) -> np.ndarray | None:
+        """The combination numbers of a batch's dictionaries (None past 65,536 of them).
+
+        Entry ``k * len(events) + e`` is that of ``channels[k]`` with ``events[e]``.
+        """
+        table = np.empty(len(channels) * len(events), dtype=np.uint16)
+        for k, channel in enumerate(channels):
+            for e, event in enumerate(events):
+                number = self.numbers.setdefault((channel, event), len(self.numbers))
+                if number >= 1 << 16:
+                    return None
+                table[k * len(events) + e] = number
+        return table
+
+
+def _dictionary(column: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """A text column's indices (int32) and dictionary values."""
+    if not pa.types.is_dictionary(column.type):
+        column = column.dictionary_encode()
+    indices = column.indices.cast(pa.int32()).to_numpy(zero_copy_only=False)
+    return indices, column.dictionary.cast(pa.string()).to_pylist()
+
+
 def _direct_interactions(
     source: Source, spec: defs.FeatureSpec, last_cutoff: dt.date
-) -> tuple[pa.ChunkedArray, _Interactions] | None:
+) -> tuple[_Ids, _Interactions] | None:
     """Interaction rows read without DuckDB, their codes still by the SQL's definition.
 
     A row's codes depend on its channel and event alone, so ``coded_interactions_sql`` runs
-    on every (channel, event) combination of the columns' distinct values (a few dozen rows)
-    and each row takes its combination's codes: the definitions stay in the SQL, and 12.6M
+    on the (channel, event) combinations of the batches' dictionaries (a few dozen rows)
+    and each row keeps its combination's number: the definitions stay in the SQL, and 12.6M
     rows are not compared with strings one by one. None where DuckDB must read the rows.
     """
-    table = _read_arrow(
-        source, ("customer_id", "timestamp", "channel", "event"), dictionary=("channel", "event")
-    )
-    if table is None:
+    from rapport.features import kernels
+
+    columns = ("customer_id", "timestamp", "channel", "event")
+    read = _batches(source, columns, dictionary=("channel", "event"))
+    if read is None:
         return None
-    day = _day_numbers(table.column("timestamp"))
-    channels = _dictionary_codes(table.column("channel"))
-    events = _dictionary_codes(table.column("event"))
-    if day is None or channels is None or events is None:
+    n, schema, batches = read
+    kinds = [schema.field(c).type for c in columns]
+    if not (_is_id(kinds[0]) and _is_time(kinds[1]) and _is_text(kinds[2]) and _is_text(kinds[3])):
         return None
-    customer_id = table.column("customer_id")
-    del table
-    (channel_code, channel_values), (event_code, event_values) = channels, events
-    combination = channel_code * max(len(event_values), 1) + event_code
-    del channel_code, event_code
-    codes = _combination_codes(spec, channel_values, event_values, last_cutoff)
-    return customer_id, _Interactions(
-        code=np.empty(0, dtype=np.int64),
-        day=day,
-        **{name: values[combination] for name, values in codes.items()},
-    )
+    ids, combinations = _Ids(kinds[0], n), _Combinations()
+    day, combo = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.uint16)
+    for start, stop, batch in batches:
+        ids.put(batch.column(0), start, stop)
+        day[start:stop] = _day_numbers(batch.column(1))
+        channel, channels = _dictionary(batch.column(2))
+        event, events = _dictionary(batch.column(3))
+        table = combinations.table(channels, events)
+        if table is None:
+            return None
+        kernels.combine(channel, event, len(events), table, combo[start:stop])
+    if batches.failed:
+        return None
+    met = list(combinations.numbers)
+    codes = _combination_codes(spec, [c for c, _ in met], [e for _, e in met], last_cutoff)
+    codes = {name: np.array(table) for name, table in codes.items()}  # writeable, as _combined's
+    return ids, _Interactions(code=np.empty(0, dtype=np.int64), day=day, combo=combo, **codes)
 
 
 def _int32(column: pa.ChunkedArray) -> np.ndarray:
@@ -433,18 +557,15 @@ def _int32(column: pa.ChunkedArray) -> np.ndarray:
 def _combination_codes(
     spec: defs.FeatureSpec, channels: list[str], events: list[str], last_cutoff: dt.date
 ) -> dict[str, np.ndarray]:
-    """:func:`_codes` of every (channel, event) combination.
-
-    Entry ``k * len(events) + e`` codes channel ``channels[k]`` with event ``events[e]``.
-    """
-    n = len(channels) * len(events)
+    """:func:`_codes` of the combinations ``(channels[i], events[i])``, entry ``i`` each."""
+    n = len(channels)
     combos = pa.table(
         {
             # the position rides in the id: the query's order is its own
             "customer_id": pa.array(np.arange(n, dtype=np.int64)),
             "timestamp": pa.array(np.full(n, np.datetime64(last_cutoff, "us"))),
-            "channel": pa.array([c for c in channels for _ in events], type=pa.string()),
-            "event": pa.array([e for _ in channels for e in events], type=pa.string()),
+            "channel": pa.array(channels, type=pa.string()),
+            "event": pa.array(events, type=pa.string()),
         }
     )
     con = duckdb.connect(":memory:")
@@ -542,6 +663,7 @@ def _interaction_columns(
     kernels.interaction_kernel(
         ix.code,
         ix.day,
+        ix.combo,
         ix.pair,
         ix.channel,
         ix.response,
@@ -566,54 +688,58 @@ class _Coder:
     """Dense customer codes in id order (so the grid comes out ordered like the SQL).
 
     Integer ids spanning a range not much larger than the rows go through a lookup table (a
-    gather, ten times faster than hashing); others through ``pandas.factorize``.
+    gather, ten times faster than hashing), written over the ids they code; others through
+    ``pandas.factorize``.
     """
 
-    def __init__(self, customer_id: pa.ChunkedArray) -> None:
+    def __init__(self, customer_id: _Ids) -> None:
         self.type = customer_id.type
         self._lo, self._table = 0, None
-        values = customer_id.to_numpy() if pa.types.is_integer(self.type) else None
-        if values is not None and len(values) and customer_id.null_count == 0:
+        values = customer_id.values
+        if values is not None and len(values):
             lo, hi = int(values.min()), int(values.max())
-            # offsets in int64 (ids of a narrow type would overflow their own); unsigned ids
-            # past int64 are hashed
-            if hi - lo < 4 * len(values) + 1024 and hi < 2**63:
+            if hi - lo < 4 * len(values) + 1024:
                 from rapport.features import kernels
 
-                wide = values.astype(np.int64, copy=False)
                 seen = np.zeros(hi - lo + 1, dtype=bool)
-                kernels.mark_ids(wide, lo, seen)
+                kernels.mark_ids(values, lo, seen)
                 table = np.cumsum(seen, dtype=np.int64) - 1
                 table[~seen] = -1
                 self._lo, self._table = lo, table
-                self.ids = pd.Index((np.flatnonzero(seen) + lo).astype(values.dtype))
-                self.codes = kernels.lookup_ids(wide, lo, table)
+                self.ids = pd.Index((np.flatnonzero(seen) + lo).astype(self.type.to_pandas_dtype()))
+                self.codes = kernels.lookup_ids(values, lo, table, values)
                 return
-        codes, uniques = pd.factorize(customer_id.to_pandas(), sort=True)
+        codes, uniques = pd.factorize(customer_id.arrow().to_pandas(), sort=True)
         self.ids, self.codes = pd.Index(uniques), codes.astype(np.int64, copy=False)
 
-    def code_of(self, customer_id: pa.ChunkedArray) -> np.ndarray:
+    def code_of(self, customer_id: _Ids) -> np.ndarray:
         """Codes of other ids (-1 for ids never seen), compared as this coder's id type.
 
-        Integers of another width are compared as integers, as SQL compares them.
+        Integers of another width are compared as integers, as SQL compares them. Integer
+        ids held as an array are coded in place.
         """
+        from rapport.features import kernels
+
         both_integers = pa.types.is_integer(customer_id.type) and pa.types.is_integer(self.type)
-        if customer_id.type != self.type and not both_integers:
+        if both_integers and customer_id.values is not None and self._table is not None:
+            values = customer_id.values
+            return kernels.lookup_ids(values, self._lo, self._table, values)
+        column = customer_id.arrow()
+        if column.type != self.type and not both_integers:
             # files typed differently (ids as text in one, numbers in the other): compare them
             # as the transactions' type, as the SQL's join would, rather than match nothing
             try:
-                customer_id = customer_id.cast(self.type)
+                column = column.cast(self.type)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
                 raise ValueError(
-                    f"interactions: customer_id is {customer_id.type} but transactions have "
+                    f"interactions: customer_id is {column.type} but transactions have "
                     f"{self.type}, and the values do not convert: {err}"
                 ) from err
-        values = customer_id.to_numpy(zero_copy_only=False)
-        if self._table is None or customer_id.null_count or values.dtype == np.uint64:
-            return np.asarray(self.ids.get_indexer(customer_id.to_pandas()), dtype=np.int64)
-        from rapport.features import kernels
-
-        return kernels.lookup_ids(values.astype(np.int64, copy=False), self._lo, self._table)
+        values = column.to_numpy(zero_copy_only=False)
+        if self._table is None or column.null_count or values.dtype == np.uint64:
+            return np.asarray(self.ids.get_indexer(column.to_pandas()), dtype=np.int64)
+        wide = values.astype(np.int64)  # a copy: the kernel writes the codes over it
+        return kernels.lookup_ids(wide, self._lo, self._table, wide)
 
 
 def grid_tables(

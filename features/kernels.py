@@ -250,6 +250,7 @@ def transaction_kernel(
 def interaction_kernel(
     code: np.ndarray,
     day: np.ndarray,
+    combo: np.ndarray,
     pair: np.ndarray,
     channel: np.ndarray,
     response: np.ndarray,
@@ -265,6 +266,9 @@ def interaction_kernel(
     out: np.ndarray,
 ) -> None:
     """The interaction aggregates of cutoffs ``j0 <= j < j1``, rows in any order.
+
+    A row's codes are those of its (channel, event) combination ``combo``: ``pair``,
+    ``channel``, ``response`` and ``complaint`` are tables over the combinations.
 
     Every aggregate is a count or a latest day, so each row adds itself to each cutoff that
     sees it. ``position[j - j0, c]`` is customer ``c``'s column at cutoff ``j`` (``-1`` when
@@ -291,10 +295,11 @@ def interaction_kernel(
             j = first_k[c]
         while j < j1 and cutoff_days[j] < d:
             j += 1
-        p = pair[i]
-        ch = channel[i]
-        resp = response[i]
-        compl = complaint[i]
+        k = combo[i]
+        p = pair[k]
+        ch = channel[k]
+        resp = response[k]
+        compl = complaint[k]
         while j < j1:
             col = position[j - j0, c]
             age = cutoff_days[j] - d
@@ -326,14 +331,25 @@ def mark_ids(values: np.ndarray, lo: int, seen: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True)
-def lookup_ids(values: np.ndarray, lo: int, table: np.ndarray) -> np.ndarray:
-    """``table[v - lo]`` of every id ``v``, -1 where it falls outside the table (one pass)."""
-    out = np.empty(len(values), dtype=np.int64)
+def lookup_ids(values: np.ndarray, lo: int, table: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``table[v - lo]`` of every id ``v``, -1 where it falls outside the table (one pass).
+
+    Written into ``out``, which may be ``values`` itself.
+    """
     n = len(table)
     for i in range(len(values)):
         at = values[i] - lo
         out[i] = table[at] if 0 <= at < n else -1
     return out
+
+
+@njit(cache=True, nogil=True)
+def combine(
+    channel: np.ndarray, event: np.ndarray, n_events: int, table: np.ndarray, out: np.ndarray
+) -> None:
+    """``out[i] = table[channel[i] * n_events + event[i]]``: each row's combination number."""
+    for i in range(len(out)):
+        out[i] = table[channel[i] * n_events + event[i]]
 
 
 @njit(cache=True, nogil=True)
@@ -352,7 +368,8 @@ def warm() -> None:
     """Load (or compile, the first time) every kernel for the types the engine passes.
 
     Dispatch is by argument types, so these are the engine's: int64 codes, int32 days,
-    float64 amounts, bool flags, int32 codes of pairs and channels, int32 counts.
+    float64 amounts, bool flags, uint16 combinations, int32 codes of pairs and channels,
+    int32 counts.
     """
     i64, i32 = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int32)
     flag, none = np.zeros(1, dtype=bool), np.empty(0, dtype=np.int64)
@@ -366,10 +383,15 @@ def warm() -> None:
         i64, i32, np.zeros(1), flag, none, i64, i64, i64 + 1, 0, 1, offsets, ints, floats
     )
     counts = np.zeros((8, 1), dtype=np.int32)
+    combo = np.zeros(1, dtype=np.uint16)
     interaction_kernel(
-        i64, i32, i32, i32, flag, flag, i64, position, i64, i64 + 1, 1, 1, 0, 1, counts
+        i64, i32, combo, i32, i32, flag, flag, i64, position, i64, i64 + 1, 1, 1, 0, 1, counts
     )
     for values in (np.zeros(1), i64, i32, flag):
         pick(flag, values, values, values.copy())
     mark_ids(i64, 0, flag.copy())
-    lookup_ids(i64, 0, i64)
+    lookup_ids(i64, 0, i64, i64.copy())
+    # dictionary indices come from Arrow read-only, a type of their own to numba
+    indices = np.zeros(1, dtype=np.int32)
+    indices.flags.writeable = False
+    combine(indices, indices, 1, combo, combo.copy())
