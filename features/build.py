@@ -172,7 +172,7 @@ def discover_interaction_pairs(interactions: Input) -> tuple[tuple[str, str], ..
         return defs.discover_pairs([(str(c), str(e)) for c, e in pairs.index])
     with connect() as con:
         _bind(con, "ix", "interactions", interactions)
-        rows = con.execute("SELECT DISTINCT lower(channel), lower(event) FROM ix").fetchall()
+        rows = con.execute(defs.DISTINCT_PAIRS_SQL).fetchall()
     return defs.discover_pairs(rows)
 
 
@@ -214,14 +214,21 @@ def _prepare(
     windows: Sequence[int],
     interaction_pairs: Sequence[tuple[str, str]] | None,
     validate: bool,
+    discover: bool = True,
 ) -> tuple[Input, Input | None, defs.FeatureSpec]:
-    """Inputs ready to bind, and the spec: interaction pairs discovered unless pinned."""
+    """Inputs ready to bind, and the spec: interaction pairs discovered unless pinned.
+
+    With ``discover=False`` pairs that are not pinned are left to find (the spec has none,
+    the interactions stay): the grid finds them as it reads the rows.
+    """
     tx = _table(transactions, "transactions", validate=validate)
     ix = None if interactions is None else _table(interactions, "interactions", validate=validate)
     pairs: Sequence[tuple[str, str]] = ()
     if ix is not None:
         if isinstance(tx, pd.DataFrame) and isinstance(ix, pd.DataFrame):
             tx, ix = _align_ids(tx, ix)
+        if interaction_pairs is None and not discover:
+            return tx, ix, defs.FeatureSpec(windows=tuple(windows), interaction_pairs=())
         pairs = discover_interaction_pairs(ix) if interaction_pairs is None else interaction_pairs
         if not pairs:
             ix = None
@@ -576,13 +583,20 @@ def _feature_tables(
         windows=windows,
         interaction_pairs=interaction_pairs,
         validate=validate,
+        discover=False,
     )
-    columns = defs.feature_columns(spec)
+    discover = ix is not None and interaction_pairs is None
     if cutoff_batch is None:
         if _row_cutoffs(tx, ix, cutoffs) >= GRID_MIN_ROW_CUTOFFS:
-            yield from _grid_feature_tables(tx, ix, spec, cutoffs, columns, connection)
+            yield from _grid_feature_tables(tx, ix, spec, cutoffs, connection, discover)
             return
         cutoff_batch = len(cutoffs)  # small enough for one query
+    if discover:
+        assert ix is not None
+        spec = dataclasses.replace(spec, interaction_pairs=discover_interaction_pairs(ix))
+        if not spec.interaction_pairs:
+            ix = None
+    columns = defs.feature_columns(spec)
     size = cutoff_batch
     done = 0
     while done < len(cutoffs):
@@ -608,21 +622,29 @@ def _grid_feature_tables(
     ix: Input | None,
     spec: defs.FeatureSpec,
     cutoffs: Sequence[dt.date],
-    columns: list[str],
     connection: duckdb.DuckDBPyConnection | None,
+    discover: bool = False,
 ) -> Iterator[tuple[pa.Table | pd.DataFrame, int]]:
     """Every cutoff from one pass over the events (:mod:`rapport.features.grid`).
 
     The base aggregates come from compiled kernels, the features from them by the same SQL;
-    each table is cut to ``columns`` and comes with the rows of all tables together.
+    each table has the columns of :func:`~rapport.features.definitions.feature_columns` and
+    comes with the rows of all tables together. With ``discover`` the interaction pairs are
+    found as the grid reads the rows.
     """
     from rapport.features.grid import grid_tables, small_pages
 
     unpacked = dataclasses.replace(spec, pack_counts=False)
-    sql = defs.features_sql(unpacked, source="grid")
     with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
         keep_order = con.execute("SELECT current_setting('preserve_insertion_order')").fetchone()
-        tables = grid_tables(con, unpacked, cutoffs, batch_rows=GRID_BATCH_ROWS, sources=(tx, ix))
+        tables = grid_tables(
+            con,
+            unpacked,
+            cutoffs,
+            batch_rows=GRID_BATCH_ROWS,
+            sources=(tx, ix),
+            discover=discover,
+        )
         while True:
             batch: pa.Table | pd.DataFrame
             # 4 KiB pages while the grid computes (see small_pages), not while the caller runs
@@ -630,8 +652,10 @@ def _grid_feature_tables(
                 item = next(tables, None)
                 if item is None:
                     break
-                grid, total_rows = item
+                grid, total_rows, unpacked = item
                 del item
+                sql = defs.features_sql(unpacked, source="grid")
+                columns = defs.feature_columns(unpacked)
                 try:
                     # the same SQL on numpy arrays, written into the frame's blocks: DuckDB's
                     # result conversion alone took as long as the whole evaluation here

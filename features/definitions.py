@@ -801,6 +801,11 @@ def transpile(sql: str, dialect: str = "spark") -> str:
     return sqlglot.transpile(sql, read="duckdb", write=dialect, pretty=True)[0]
 
 
+#: The (channel, event) pairs an interactions table ``ix`` holds, as :func:`discover_pairs`
+#: takes them.
+DISTINCT_PAIRS_SQL = "SELECT DISTINCT lower(channel), lower(event) FROM ix"
+
+
 def discover_pairs(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """Normalise observed (channel, event) pairs: lower case, unique, sorted."""
     return tuple(sorted({(str(c).lower(), str(e).lower()) for c, e in pairs}))

@@ -108,6 +108,8 @@ class _Events:
     ix: _Interactions | None
     cutoff_days: np.ndarray
     first_k: np.ndarray
+    #: the spec with its interaction pairs, discovered from the rows where they were not given
+    spec: defs.FeatureSpec
 
     def present(self, j: int) -> np.ndarray:
         """The codes of the customers with a feature row at cutoff ``j``, ascending."""
@@ -178,6 +180,7 @@ def _load_events(
     spec: defs.FeatureSpec,
     cutoffs: Sequence[dt.date],
     sources: tuple[Source, Source | None] | None = None,
+    discover: bool = False,
 ) -> _Events:
     """The event rows, read by the SQL's own row and code definitions, ready for the kernels.
 
@@ -186,7 +189,8 @@ def _load_events(
     which is several times faster than fetching DuckDB's result; otherwise DuckDB reads
     them. The interactions are read in a second thread while the transactions are read,
     coded and grouped here; both release the GIL for most of their work, and the
-    connection serves one of them at a time.
+    connection serves one of them at a time. With ``discover``, the interaction pairs are
+    those the interaction rows hold (``ix`` is bound), found as they are read.
     """
     from rapport.features import kernels
 
@@ -194,11 +198,18 @@ def _load_events(
     coder_ready: Future[_Coder] = Future()
     one_query = threading.Lock()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        ix: Future[_Interactions] | None = (
+        ix: Future[tuple[_Interactions | None, defs.FeatureSpec]] | None = (
             pool.submit(
-                _load_interactions, con, spec, coder_ready, ix_source, cutoffs[-1], one_query
+                _load_interactions,
+                con,
+                spec,
+                coder_ready,
+                ix_source,
+                cutoffs[-1],
+                one_query,
+                discover,
             )
-            if spec.interaction_pairs
+            if spec.interaction_pairs or discover
             else None
         )
         try:
@@ -230,7 +241,8 @@ def _load_events(
         bought = np.flatnonzero(first_day < NO_PURCHASE)
         first_k = np.full(n, len(cutoffs), dtype=np.int64)
         first_k[bought] = _cutoff_index(cutoff_days, first_day[bought])
-        return _Events(coder.ids, tx, None if ix is None else ix.result(), cutoff_days, first_k)
+        interactions, spec = (None, spec) if ix is None else ix.result()
+        return _Events(coder.ids, tx, interactions, cutoff_days, first_k, spec)
 
 
 def _sql_transactions(con: duckdb.DuckDBPyConnection) -> _TransactionRows:
@@ -426,29 +438,37 @@ def _load_interactions(
     source: Source | None = None,
     last_cutoff: dt.date | None = None,
     one_query: threading.Lock | None = None,
-) -> _Interactions:
+    discover: bool = False,
+) -> tuple[_Interactions | None, defs.FeatureSpec]:
     """The interaction rows, coded by the SQL, customers by the transactions' codes.
 
     Read without DuckDB where :func:`_direct_interactions` can; rows after the last cutoff
     are then kept, and the kernel, which adds a row to the cutoffs that see it, leaves them
-    out.
+    out. With ``discover`` the spec's pairs are the rows' own (and the rows are None where
+    they hold none); the spec comes back either way.
     """
     direct = (
         None
         if source is None or last_cutoff is None
-        else _direct_interactions(source, spec, last_cutoff)
+        else _direct_interactions(source, spec, last_cutoff, discover)
     )
     if direct is not None:
-        customer_id, ix = direct
-        ix.code = coder_ready.result().code_of(customer_id)
-        return ix
+        customer_id, ix, spec = direct
+        if ix is not None:
+            ix.code = coder_ready.result().code_of(customer_id)
+        return ix, spec
     with one_query or contextlib.nullcontext():
+        if discover:
+            pairs = defs.discover_pairs(con.execute(defs.DISTINCT_PAIRS_SQL).fetchall())
+            spec = dataclasses.replace(spec, interaction_pairs=pairs)
+            if not pairs:
+                return None, spec
         coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     return _Interactions(
         code=coder_ready.result().code_of(_Ids.of(coded.column("customer_id"))),
         day=_days(coded.column("day")),
         **_combined(_codes(coded, spec), len(spec.channels)),
-    )
+    ), spec
 
 
 def _codes(coded: pa.Table, spec: defs.FeatureSpec) -> dict[str, np.ndarray]:
@@ -512,14 +532,16 @@ def _dictionary(column: pa.Array) -> tuple[np.ndarray, list[str]]:
 
 
 def _direct_interactions(
-    source: Source, spec: defs.FeatureSpec, last_cutoff: dt.date
-) -> tuple[_Ids, _Interactions] | None:
+    source: Source, spec: defs.FeatureSpec, last_cutoff: dt.date, discover: bool = False
+) -> tuple[_Ids, _Interactions | None, defs.FeatureSpec] | None:
     """Interaction rows read without DuckDB, their codes still by the SQL's definition.
 
     A row's codes depend on its channel and event alone, so ``coded_interactions_sql`` runs
     on the (channel, event) combinations of the batches' dictionaries (a few dozen rows)
     and each row keeps its combination's number: the definitions stay in the SQL, and 12.6M
-    rows are not compared with strings one by one. None where DuckDB must read the rows.
+    rows are not compared with strings one by one. With ``discover`` the spec's pairs are
+    the combinations the rows hold, as ``DISTINCT_PAIRS_SQL`` finds them (no rows where
+    there are none); the spec comes back with the rows. None where DuckDB must read them.
     """
     from rapport.features import kernels
 
@@ -533,6 +555,7 @@ def _direct_interactions(
         return None
     ids, combinations = _Ids(kinds[0], n), _Combinations()
     day, combo = np.empty(n, dtype=np.int32), np.empty(n, dtype=np.uint16)
+    held = np.zeros(1 << 16, dtype=bool)
     for start, stop, batch in batches:
         ids.put(batch.column(0), start, stop)
         day[start:stop] = _day_numbers(batch.column(1))
@@ -541,13 +564,19 @@ def _direct_interactions(
         table = combinations.table(channels, events)
         if table is None:
             return None
-        kernels.combine(channel, event, len(events), table, combo[start:stop])
+        kernels.combine(channel, event, len(events), table, combo[start:stop], held)
     if batches.failed:
         return None
     met = list(combinations.numbers)
+    if discover:
+        pairs = defs.discover_pairs([met[k] for k in np.flatnonzero(held)])
+        spec = dataclasses.replace(spec, interaction_pairs=pairs)
+        if not spec.interaction_pairs:
+            return ids, None, spec
     codes = _combination_codes(spec, [c for c, _ in met], [e for _, e in met], last_cutoff)
     codes = {name: np.array(table) for name, table in codes.items()}  # writeable, as _combined's
-    return ids, _Interactions(code=np.empty(0, dtype=np.int64), day=day, combo=combo, **codes)
+    rows = _Interactions(code=np.empty(0, dtype=np.int64), day=day, combo=combo, **codes)
+    return ids, rows, spec
 
 
 def _int32(column: pa.ChunkedArray) -> np.ndarray:
@@ -749,7 +778,8 @@ def grid_tables(
     *,
     batch_rows: int,
     sources: tuple[Source, Source | None] | None = None,
-) -> Iterator[tuple[pa.Table, int]]:
+    discover: bool = False,
+) -> Iterator[tuple[pa.Table, int, defs.FeatureSpec]]:
     """Base-aggregate tables for batches of cutoffs, each within about ``batch_rows`` rows.
 
     ``con`` has ``tx`` (and ``ix`` when ``spec`` has interaction pairs) bound and ``cutoffs``
@@ -759,14 +789,18 @@ def grid_tables(
     bought by the cutoff, ordered by ``as_of`` then ``customer_id``: the ``grid`` relation
     of ``features_sql(spec, source="grid")``; each comes with the rows of all tables together.
     ``sources``, the inputs bound as ``tx`` and ``ix``, are read without DuckDB where they can
-    be (:func:`_load_events`).
+    be (:func:`_load_events`). With ``discover`` (``ix`` bound, ``spec`` without pairs) the
+    interaction pairs are those of the rows, found as they are read, where a separate
+    ``SELECT DISTINCT`` over the rows took 0.15 s before anything else could start; each
+    table comes with the spec it was computed for.
     A batch is computed when the one before is out, the transaction and interaction kernels
     side by side, and its arrays are freed with its table.
     """
     with ThreadPoolExecutor(max_workers=1) as pool:
         # numba's import and its first calls (about 0.5 s) overlap the reading of the rows
         warm = pool.submit(_warm_kernels)
-        events = _load_events(con, spec, cutoffs, sources)
+        events = _load_events(con, spec, cutoffs, sources, discover)
+        spec = events.spec
         warm.result()
         sizes = events.sizes()
         total_rows = int(sizes.sum())
@@ -809,7 +843,7 @@ def grid_tables(
                     pa.array(v, mask=v == NO_DAY).cast(pa.date32()) if name in days else pa.array(v)
                 )
                 del v
-            yield _table_of(columns), total_rows
+            yield _table_of(columns), total_rows, spec
             start = stop
 
 

@@ -345,11 +345,21 @@ def lookup_ids(values: np.ndarray, lo: int, table: np.ndarray, out: np.ndarray) 
 
 @njit(cache=True, nogil=True)
 def combine(
-    channel: np.ndarray, event: np.ndarray, n_events: int, table: np.ndarray, out: np.ndarray
+    channel: np.ndarray,
+    event: np.ndarray,
+    n_events: int,
+    table: np.ndarray,
+    out: np.ndarray,
+    held: np.ndarray,
 ) -> None:
-    """``out[i] = table[channel[i] * n_events + event[i]]``: each row's combination number."""
+    """``out[i] = table[channel[i] * n_events + event[i]]``, each row's combination number.
+
+    ``held`` marks the numbers the rows hold (the interaction pairs found as rows are read).
+    """
     for i in range(len(out)):
-        out[i] = table[channel[i] * n_events + event[i]]
+        k = table[channel[i] * n_events + event[i]]
+        out[i] = k
+        held[k] = True
 
 
 @njit(cache=True, nogil=True)
@@ -394,4 +404,4 @@ def warm() -> None:
     # dictionary indices come from Arrow read-only, a type of their own to numba
     indices = np.zeros(1, dtype=np.int32)
     indices.flags.writeable = False
-    combine(indices, indices, 1, combo, combo.copy())
+    combine(indices, indices, 1, combo, combo.copy(), flag.copy())

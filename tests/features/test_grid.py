@@ -449,7 +449,8 @@ def test_direct_reads_equal_the_sql_rows(tmp_path, kind):
 
     direct = grid._direct_interactions(ix, spec, last)
     assert direct is not None
-    customer_id, coded = direct
+    customer_id, coded, _ = direct
+    assert coded is not None
     # the direct read keeps rows after the cutoff (the kernel skips them): compare the others
     keep = coded.day <= (last - dt.date(1970, 1, 1)).days
     assert keep.sum() == sql_ix.num_rows == 6
@@ -564,3 +565,32 @@ def test_the_grid_computes_on_small_pages_and_leaves_numpy_as_it_was(
     seen.clear()
     build_features(tiny_tx, tiny_ix, as_of="2024-02-29")
     assert seen == [True]
+
+
+@pytest.mark.parametrize("kind", ["direct", "duckdb"])
+def test_the_grid_finds_the_interaction_pairs_as_it_reads(tiny_tx, tiny_ix, monkeypatch, kind):
+    """No separate scan for the pairs: those of the rows, as discover_interaction_pairs finds."""
+    ix = validate_table(tiny_ix, "interactions").astype({"channel": str})
+    ix.loc[0, "channel"] = ix.loc[0, "channel"].upper()  # the same pair, in lower case
+    if kind == "duckdb":
+        ix = ix.assign(timestamp=ix["timestamp"].astype(str))  # text times: DuckDB reads them
+    expected = build.discover_interaction_pairs(ix)
+    sql = build_features(tiny_tx, ix, as_of="2024-03-01", validate=False, cutoff_batch=1)
+
+    def no_scan(_):
+        raise AssertionError("the grid scanned the interactions for their pairs")
+
+    monkeypatch.setattr(build, "discover_interaction_pairs", no_scan)
+    grid_frame = build_features(tiny_tx, ix, as_of="2024-03-01", validate=False)
+    spec = defs.FeatureSpec(interaction_pairs=expected)
+    assert list(grid_frame.columns) == defs.feature_columns(spec)
+    pd.testing.assert_frame_equal(grid_frame, sql)
+
+    # interactions with no rows: no interaction features, as the SQL gives
+    empty = ix.iloc[:0]
+    monkeypatch.undo()
+    sql = build_features(tiny_tx, empty, as_of="2024-03-01", validate=False, cutoff_batch=1)
+    monkeypatch.setattr(build, "discover_interaction_pairs", no_scan)
+    grid_frame = build_features(tiny_tx, empty, as_of="2024-03-01", validate=False)
+    assert list(grid_frame.columns) == defs.feature_columns(defs.FeatureSpec())
+    pd.testing.assert_frame_equal(grid_frame, sql)
