@@ -175,74 +175,79 @@ class _TransactionRows:
     is_purchase: np.ndarray
 
 
+#: The interactions as they load: their rows (None for none) and the spec with their pairs.
+_Loading = Future[tuple["_Interactions | None", defs.FeatureSpec]]
+
+
 def _load_events(
     con: duckdb.DuckDBPyConnection,
     spec: defs.FeatureSpec,
     cutoffs: Sequence[dt.date],
+    pool: ThreadPoolExecutor,
     sources: tuple[Source, Source | None] | None = None,
     discover: bool = False,
-) -> _Events:
+) -> tuple[_Events, _Loading | None]:
     """The event rows, read by the SQL's own row and code definitions, ready for the kernels.
 
     ``sources`` (the transactions and interactions ``con`` has bound as ``tx`` and ``ix``)
     are read straight into Arrow where their types allow (:func:`_direct_transactions`),
     which is several times faster than fetching DuckDB's result; otherwise DuckDB reads
-    them. The interactions are read in a second thread while the transactions are read,
-    coded and grouped here; both release the GIL for most of their work, and the
-    connection serves one of them at a time. With ``discover``, the interaction pairs are
-    those the interaction rows hold (``ix`` is bound), found as they are read.
+    them. The interactions are read on ``pool`` while the transactions are read, coded and
+    grouped here; both release the GIL for most of their work, and the connection serves
+    one of them at a time. The events come back with the transactions (``ix`` None), and
+    the interactions with the future that loads them, so the transaction kernel need not
+    wait for them. With ``discover``, the interaction pairs are those the interaction rows
+    hold (``ix`` is bound), found as they are read.
     """
     from rapport.features import kernels
 
     tx_source, ix_source = sources if sources is not None else (None, None)
     coder_ready: Future[_Coder] = Future()
     one_query = threading.Lock()
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ix: Future[tuple[_Interactions | None, defs.FeatureSpec]] | None = (
-            pool.submit(
-                _load_interactions,
-                con,
-                spec,
-                coder_ready,
-                ix_source,
-                cutoffs[-1],
-                one_query,
-                discover,
-            )
-            if spec.interaction_pairs or discover
-            else None
+    ix: _Loading | None = (
+        pool.submit(
+            _load_interactions,
+            con,
+            spec,
+            coder_ready,
+            ix_source,
+            cutoffs[-1],
+            one_query,
+            discover,
         )
-        try:
-            rows = None if tx_source is None else _direct_transactions(tx_source)
-            if rows is None:
-                with one_query:
-                    rows = _sql_transactions(con)
-            coder = _Coder(rows.customer_id)
-            coder_ready.set_result(coder)
-            tx = _Transactions(
-                code=coder.codes,
-                day=rows.day,
-                amount=rows.amount,
-                is_purchase=rows.is_purchase,
-                order=np.empty(0, dtype=np.int64),
-            )
-            del rows
-            n = len(coder.ids)
-            refund = ~tx.is_purchase
-            if not kernels.is_grouped(tx.code, tx.day, refund):
-                tx.order = kernels.group_order(tx.code, tx.day, refund, n)
-            del refund
-            cutoff_days = np.array([(c - _EPOCH).days for c in cutoffs], dtype=np.int64)
-            first_day = kernels.first_purchase_days(tx.code, tx.day, tx.is_purchase, n)
-        finally:
-            if not coder_ready.done():
-                # the transactions failed before their codes: the other thread must not wait
-                coder_ready.set_exception(RuntimeError("the transactions could not be coded"))
-        bought = np.flatnonzero(first_day < NO_PURCHASE)
-        first_k = np.full(n, len(cutoffs), dtype=np.int64)
-        first_k[bought] = _cutoff_index(cutoff_days, first_day[bought])
-        interactions, spec = (None, spec) if ix is None else ix.result()
-        return _Events(coder.ids, tx, interactions, cutoff_days, first_k, spec)
+        if spec.interaction_pairs or discover
+        else None
+    )
+    try:
+        rows = None if tx_source is None else _direct_transactions(tx_source)
+        if rows is None:
+            with one_query:
+                rows = _sql_transactions(con)
+        coder = _Coder(rows.customer_id)
+        coder_ready.set_result(coder)
+        tx = _Transactions(
+            code=coder.codes,
+            day=rows.day,
+            amount=rows.amount,
+            is_purchase=rows.is_purchase,
+            order=np.empty(0, dtype=np.int64),
+        )
+        del rows
+        n = len(coder.ids)
+        refund = ~tx.is_purchase
+        if not kernels.is_grouped(tx.code, tx.day, refund):
+            tx.order = kernels.group_order(tx.code, tx.day, refund, n)
+        del refund
+        cutoff_days = np.array([(c - _EPOCH).days for c in cutoffs], dtype=np.int64)
+        first_day = kernels.first_purchase_days(tx.code, tx.day, tx.is_purchase, n)
+    finally:
+        if not coder_ready.done():
+            # the transactions failed before their codes: the other thread must not wait
+            coder_ready.set_exception(RuntimeError("the transactions could not be coded"))
+    bought = np.flatnonzero(first_day < NO_PURCHASE)
+    first_k = np.full(n, len(cutoffs), dtype=np.int64)
+    first_k[bought] = _cutoff_index(cutoff_days, first_day[bought])
+    return _Events(coder.ids, tx, None, cutoff_days, first_k, spec), ix
 
 
 def _sql_transactions(con: duckdb.DuckDBPyConnection) -> _TransactionRows:
@@ -666,13 +671,20 @@ def _rounded(values: np.ndarray) -> np.ndarray:
 
 
 def _interaction_columns(
-    events: _Events, spec: defs.FeatureSpec, j0: int, j1: int, offsets: np.ndarray
+    events: _Events, loading: _Loading, j0: int, j1: int, offsets: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The interaction aggregates of cutoffs ``j0 <= j < j1``, one value per feature row."""
+    """The interaction aggregates of cutoffs ``j0 <= j < j1``, one value per feature row.
+
+    The first call waits for the interactions to load and sets ``events.ix`` and
+    ``events.spec`` from them (none where the rows hold no pair).
+    """
     from rapport.features import kernels
 
-    ix = events.ix
-    assert ix is not None
+    if events.ix is None:
+        events.ix, events.spec = loading.result()
+    ix, spec = events.ix, events.spec
+    if ix is None:
+        return {}
     n_pairs, n_channels, n_windows = (
         len(spec.interaction_pairs),
         len(spec.channels),
@@ -796,16 +808,14 @@ def grid_tables(
     A batch is computed when the one before is out, the transaction and interaction kernels
     side by side, and its arrays are freed with its table.
     """
-    with ThreadPoolExecutor(max_workers=1) as pool:
+    # two workers: numba's warm-up and the interactions' loading, then their kernel
+    with ThreadPoolExecutor(max_workers=2) as pool:
         # numba's import and its first calls (about 0.5 s) overlap the reading of the rows
         warm = pool.submit(_warm_kernels)
-        events = _load_events(con, spec, cutoffs, sources, discover)
-        spec = events.spec
+        events, loading = _load_events(con, spec, cutoffs, pool, sources, discover)
         warm.result()
         sizes = events.sizes()
         total_rows = int(sizes.sum())
-        tx_cols, ix_cols = defs.aggregate_columns(spec)
-        days = {"first_day", "last_day"} | {c for c in ix_cols if c.startswith("_last_")}
         start = 0
         while start < len(cutoffs):
             stop, rows = start + 1, int(sizes[start])
@@ -813,14 +823,19 @@ def grid_tables(
                 rows += int(sizes[stop])
                 stop += 1
             offsets = np.concatenate([[0], np.cumsum(sizes[start:stop])]).astype(np.int64)
+            # the interaction kernel runs once its rows are in; the transaction kernel
+            # does not wait for them
             interactions = (
-                pool.submit(_interaction_columns, events, spec, start, stop, offsets)
-                if events.ix is not None
+                pool.submit(_interaction_columns, events, loading, start, stop, offsets)
+                if loading is not None
                 else None
             )
             values = _transaction_columns(events, spec, start, stop, offsets)
             if interactions is not None:
                 values.update(interactions.result())
+            spec = events.spec
+            tx_cols, ix_cols = defs.aggregate_columns(spec)
+            days = {"first_day", "last_day"} | {c for c in ix_cols if c.startswith("_last_")}
             present = np.concatenate([events.present(j) for j in range(start, stop)])
             columns: dict[str, pa.Array] = {
                 "customer_id": pa.Array.from_pandas(events.ids.take(present)),
