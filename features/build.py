@@ -363,6 +363,7 @@ def build_features(
         validate=validate,
         cutoff_batch=cutoff_batch,
         connection=connection,
+        stack=True,
     ):
         if stacker is None and total_rows is not None and total_rows > len(table):
             # several batches of a known total: each is copied into the result and freed
@@ -459,6 +460,32 @@ class _Stacker:
                 at += len(chunk)
         self.done += table.num_rows
 
+    def reserve(self, dtypes: dict[str, np.dtype | None]) -> None:
+        """Blocks for these columns (None: joined at the end) unless an earlier batch made them.
+
+        For batches that write their numeric columns into :attr:`blocks` themselves, at the
+        rows from :attr:`done` (then :meth:`add_rows`).
+        """
+        if not self.names:
+            self._allocate_for(dtypes)
+            return
+        same = list(dtypes) == self.names and all(
+            (self.slot[name][0] == dtype) if name in self.slot else dtype is None
+            for name, dtype in dtypes.items()
+        )
+        if not same:
+            raise ValueError(f"feature batches differ in columns or types: {dtypes}")
+
+    def add_rows(self, n: int, other: dict[str, Any]) -> None:
+        """Count ``n`` rows written into the blocks, with the values of the other columns."""
+        if self.done + n > self.total_rows:
+            raise ValueError(f"feature batches hold more than the {self.total_rows} rows expected")
+        if set(other) != set(self.other):
+            raise ValueError(f"feature batches differ in columns: {sorted(other)}")
+        for name, values in other.items():
+            self.other[name].append(pd.Series(values))
+        self.done += n
+
     def _add_frame(self, frame: pd.DataFrame) -> None:
         if not self.names:
             self._allocate_like(frame)
@@ -479,7 +506,8 @@ class _Stacker:
         if self.done != self.total_rows:
             raise ValueError(f"feature batches hold {self.done} rows, {self.total_rows} expected")
         other = {
-            name: pd.concat(parts, ignore_index=True).array for name, parts in self.other.items()
+            name: _column_values(pd.concat(parts, ignore_index=True))
+            for name, parts in self.other.items()
         }
         frame = _frame_of_blocks(self.names, self.total_rows, self.blocks, self.slot, other)
         self.blocks, self.other = {}, {}
@@ -511,7 +539,7 @@ def _frame_of_blocks(
     """A frame of ``names`` without copying its columns.
 
     Numeric columns are rows of ``blocks`` (``slot``: column -> (block dtype, row)), the
-    others 1-D arrays in ``other``.
+    others 1-D arrays (numpy or extension) in ``other``.
     """
     position = {name: i for i, name in enumerate(names)}
     placed: list[tuple[Any, np.ndarray]] = []
@@ -519,7 +547,9 @@ def _frame_of_blocks(
         rows = sorted((row, position[name]) for name, (d, row) in slot.items() if d == dtype)
         placed.append((block, np.array([p for _, p in rows], dtype=np.intp)))
     for name, values in other.items():
-        placed.append((values, np.array([position[name]], dtype=np.intp)))
+        # a numpy column is a block of one row
+        block = values.reshape(1, -1) if isinstance(values, np.ndarray) else values
+        placed.append((block, np.array([position[name]], dtype=np.intp)))
     index, columns = pd.RangeIndex(n), pd.Index(names)
     if _from_blocks is not None:
         return _from_blocks(placed, index=index, columns=columns)
@@ -570,8 +600,11 @@ def _feature_tables(
     validate: bool,
     cutoff_batch: int | None,
     connection: duckdb.DuckDBPyConnection | None,
+    stack: bool = False,
 ) -> Iterator[tuple[pa.Table | pd.DataFrame, int | None]]:
     """The feature query's result, one batch of cutoffs at a time (Arrow; a frame from the grid).
+
+    With ``stack`` the grid projects its batches into one frame, yielded once.
 
     Each batch comes with the rows of all batches together where that is known before the
     first (the grid's), ``None`` where it is not (the SQL's).
@@ -588,7 +621,7 @@ def _feature_tables(
     discover = ix is not None and interaction_pairs is None
     if cutoff_batch is None:
         if _row_cutoffs(tx, ix, cutoffs) >= GRID_MIN_ROW_CUTOFFS:
-            yield from _grid_feature_tables(tx, ix, spec, cutoffs, connection, discover)
+            yield from _grid_feature_tables(tx, ix, spec, cutoffs, connection, discover, stack)
             return
         cutoff_batch = len(cutoffs)  # small enough for one query
     if discover:
@@ -624,13 +657,16 @@ def _grid_feature_tables(
     cutoffs: Sequence[dt.date],
     connection: duckdb.DuckDBPyConnection | None,
     discover: bool = False,
+    stack: bool = False,
 ) -> Iterator[tuple[pa.Table | pd.DataFrame, int]]:
     """Every cutoff from one pass over the events (:mod:`rapport.features.grid`).
 
     The base aggregates come from compiled kernels, the features from them by the same SQL;
     each table has the columns of :func:`~rapport.features.definitions.feature_columns` and
     comes with the rows of all tables together. With ``discover`` the interaction pairs are
-    found as the grid reads the rows.
+    found as the grid reads the rows. With ``stack`` the batches are projected into one
+    frame, yielded once: each batch writes its features into the result's blocks, where a
+    frame per batch was made and copied in (2.3 GB a batch for 12 cutoffs at 10M).
     """
     from rapport.features.grid import grid_tables, small_pages
 
@@ -645,8 +681,10 @@ def _grid_feature_tables(
             sources=(tx, ix),
             discover=discover,
         )
+        stacker: _Stacker | None = None
+        projecting = True
         while True:
-            batch: pa.Table | pd.DataFrame
+            batch: pa.Table | pd.DataFrame | None
             # 4 KiB pages while the grid computes (see small_pages), not while the caller runs
             with small_pages():
                 item = next(tables, None)
@@ -656,25 +694,43 @@ def _grid_feature_tables(
                 del item
                 sql = defs.features_sql(unpacked, source="grid")
                 columns = defs.feature_columns(unpacked)
+                if stack and stacker is None and total_rows > grid.num_rows:
+                    stacker = _Stacker(total_rows)
                 try:
+                    if not projecting:
+                        raise projection.UnsupportedSQLError("a batch before went to DuckDB")
                     # the same SQL on numpy arrays, written into the frame's blocks: DuckDB's
                     # result conversion alone took as long as the whole evaluation here
-                    batch = _grid_frame(sql, grid, columns)
+                    batch = _grid_frame(sql, grid, columns, stacker)
                 except projection.UnsupportedSQLError:
                     table = _duckdb_projection(con, sql, grid, keep_order)
                     batch = _with_scores(table).select(columns)
                     del table
+                    if stacker is not None:
+                        # the stacked result keeps DuckDB's layout from here on
+                        projecting = False
+                        stacker.add(batch)
+                        batch = None
                 del grid
-            yield batch, total_rows
+            if batch is not None:
+                yield batch, total_rows
             del batch  # before the next batch is computed
+        if stacker is not None:
+            frame = stacker.frame()
+            del stacker
+            yield frame, len(frame)
 
 
-def _grid_frame(sql: str, grid: pa.Table, columns: list[str]) -> pd.DataFrame:
+def _grid_frame(
+    sql: str, grid: pa.Table, columns: list[str], into: _Stacker | None = None
+) -> pd.DataFrame | None:
     """The features of a grid batch as a frame of ``columns``, scores and segment included.
 
     :func:`rapport.features.projection.evaluate_columns` writes each numeric feature straight
     into its row of the 2-D block pandas keeps for its dtype, so every value is written once
-    (through Arrow it was written twice more: DuckDB's result, then pandas' blocks).
+    (through Arrow it was written twice more: DuckDB's result, then pandas' blocks). With
+    ``into``, those are the blocks of the stacked result, at the rows after the batches
+    before, and None comes back: no batch frame is made and copied.
 
     Raises
     ------
@@ -685,15 +741,22 @@ def _grid_frame(sql: str, grid: pa.Table, columns: list[str]) -> pd.DataFrame:
     n = grid.num_rows
     blocks: dict[np.dtype, np.ndarray] = {}
     slot: dict[str, tuple[np.dtype, int]] = {}
+    at = 0 if into is None else into.done
     wanted = set(columns)
 
     def allocate(dtypes: dict[str, np.dtype]) -> dict[str, np.ndarray]:
         numeric = {c: dtypes[c] for c in columns if c in dtypes and dtypes[c] in _BLOCK_TYPES}
-        layout, places = _block_layout(numeric, n)
+        if into is None:
+            layout, places = _block_layout(numeric, n)
+        else:
+            into.reserve({name: numeric.get(name) for name in columns})
+            layout, places = into.blocks, into.slot
         blocks.update(layout)
         slot.update(places)
         return {
-            name: blocks[slot[name][0]][slot[name][1]] if name in slot else np.empty(n, dtype)
+            name: blocks[slot[name][0]][slot[name][1], at : at + n]
+            if name in slot
+            else np.empty(n, dtype)
             for name, dtype in dtypes.items()
         }
 
@@ -716,14 +779,16 @@ def _grid_frame(sql: str, grid: pa.Table, columns: list[str]) -> pd.DataFrame:
                 raise projection.UnsupportedSQLError(f"NULLs in the integer feature {name}")
             data[column.null] = np.nan  # as pandas shows a NULL double
     as_of = grid.column("as_of").to_numpy()
-    inputs = {c: blocks[slot[c][0]][slot[c][1]] for _, c, _ in SCORED_FEATURES}
+    inputs = {c: blocks[slot[c][0]][slot[c][1], at : at + n] for _, c, _ in SCORED_FEATURES}
     scores = _score_arrays(as_of, inputs)
     for name in ("r_score", "f_score", "m_score", "fm_score"):
         other[name] = scores[name]
     other["segment"] = pd.Categorical.from_codes(
         scores["segment"], categories=pd.Index(list(SEGMENTS))
     )
-    other = {k: (v.reshape(1, -1) if isinstance(v, np.ndarray) else v) for k, v in other.items()}
+    if into is not None:
+        into.add_rows(n, other)
+        return None
     return _frame_of_blocks(columns, n, blocks, slot, other)
 
 

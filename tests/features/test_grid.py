@@ -151,7 +151,21 @@ def test_grid_batches_stream_in_cutoff_order(tiny_tx, tiny_ix, monkeypatch):
     assert len(batches) > 1
     stacked = pd.concat(batches, ignore_index=True)
     assert stacked["as_of"].is_monotonic_increasing
-    pd.testing.assert_frame_equal(stacked, build_features(tiny_tx, tiny_ix, as_of=cutoffs))
+    # build_features projects each batch straight into the rows of one result
+    written: list[int] = []
+    add_rows = build._Stacker.add_rows
+    monkeypatch.setattr(
+        build._Stacker,
+        "add_rows",
+        lambda self, n, other: written.append(n) or add_rows(self, n, other),
+    )
+    whole = build_features(tiny_tx, tiny_ix, as_of=cutoffs)
+    assert written == [len(b) for b in batches]
+    pd.testing.assert_frame_equal(stacked, whole)
+    sql = build_features(tiny_tx, tiny_ix, as_of=cutoffs, cutoff_batch=1)
+    pd.testing.assert_frame_equal(whole, sql)
+    whole.loc[0, "recency_days"] = -1  # a frame like any other: it takes writes
+    assert whole.loc[0, "recency_days"] == -1
 
 
 @pytest.mark.parametrize("kind", ["days", "money", "nan"])
@@ -594,3 +608,26 @@ def test_the_grid_finds_the_interaction_pairs_as_it_reads(tiny_tx, tiny_ix, monk
     grid_frame = build_features(tiny_tx, empty, as_of="2024-03-01", validate=False)
     assert list(grid_frame.columns) == defs.feature_columns(defs.FeatureSpec())
     pd.testing.assert_frame_equal(grid_frame, sql)
+
+
+def test_a_stacked_result_takes_batches_that_went_through_duckdb(tiny_tx, tiny_ix, monkeypatch):
+    """The numpy projection refused on the second batch: it and those after run on DuckDB,
+    their rows copied into the same result, equal to the SQL's."""
+    from rapport.features import projection
+
+    cutoffs = ["2024-01-31", "2024-02-15", "2024-02-29", "2024-03-31", "2024-04-30"]
+    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 5)
+    evaluate, calls = projection.evaluate_columns, []
+
+    def refuse_the_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise projection.UnsupportedSQLError("refused for the test")
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(projection, "evaluate_columns", refuse_the_second)
+    whole = build_features(tiny_tx, tiny_ix, as_of=cutoffs)
+    batches = len(list(iter_features(tiny_tx, tiny_ix, as_of=cutoffs)))
+    assert batches > 2 and len(calls) == 2 + batches  # the build projected two, then DuckDB
+    sql = build_features(tiny_tx, tiny_ix, as_of=cutoffs, cutoff_batch=1)
+    pd.testing.assert_frame_equal(whole, sql)
