@@ -215,7 +215,7 @@ def main() -> None:
             kinds.append("pandas")
         res = {}
         for kind in kinds:
-            res[kind] = _measure(kind, data, args.repeats if kind != "pandas" else 1)
+            res[kind] = _measure(kind, data, args.repeats)
             print(f"{size:>11,} {kind:<15} {res[kind]}", flush=True)
         scan, rap = res["scan"], res["rapport"]
         rap12, pandas = res.get("rapport_12"), res.get("pandas")
