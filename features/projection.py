@@ -19,7 +19,7 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -66,7 +66,7 @@ class _Query:
     """A parsed projection: the relation each ``SELECT`` reads and its items, in order."""
 
     selects: tuple[tuple[str | None, str, tuple[exp.Expression, ...]], ...]
-    keys: dict[int, str]  # id(node) -> its SQL text, the key of repeated subexpressions
+    keys: dict[int, int]  # id(node) -> its structure's number, the key of repeated subexpressions
 
 
 _SELECT_PARTS = {"expressions", "from", "from_", "with", "with_"}
@@ -91,8 +91,30 @@ def _parse(sql: str) -> _Query:
         if source is None or not isinstance(source.this, exp.Table):
             raise UnsupportedSQLError("SELECT without a single table")
         selects.append((name, source.this.name, tuple(select.expressions)))
-    keys = {id(node): node.sql() for node in tree.walk() if not isinstance(node, exp.Identifier)}
-    return _Query(tuple(selects), keys)
+    return _Query(tuple(selects), _structure_keys(tree))
+
+
+def _structure_keys(tree: exp.Expression) -> dict[int, int]:
+    """``id(node)`` -> a number equal for equal subtrees.
+
+    A node's structure is its type and arguments with its children by their numbers, built
+    bottom-up in one walk; the SQL text of every node, the key before, took 0.18 s for the
+    feature query's 752 nodes.
+    """
+    numbers: dict[Hashable, int] = {}
+    keys: dict[int, int] = {}
+
+    def key(value: object) -> Hashable:
+        if isinstance(value, exp.Expression):
+            return keys[id(value)]
+        if isinstance(value, list):
+            return tuple(key(v) for v in value)
+        return value if isinstance(value, Hashable) else repr(value)
+
+    for node in reversed(list(tree.walk(bfs=True))):  # children before their parents
+        structure = (type(node).__name__, tuple((k, key(v)) for k, v in node.args.items()))
+        keys[id(node)] = numbers.setdefault(structure, len(numbers))
+    return keys
 
 
 #: Rows evaluated at a time: temporaries of this size stay in cache and in the allocator's
@@ -335,9 +357,9 @@ _BINARY: dict[type, Callable[[Number, Number], Number]] = {
 class _Evaluator:
     """Evaluates the items of one ``SELECT`` over ``rows``, each repeated subexpression once."""
 
-    def __init__(self, rows: dict[str, _Value], keys: dict[int, str], length: int) -> None:
+    def __init__(self, rows: dict[str, _Value], keys: dict[int, int], length: int) -> None:
         self.rows, self.keys, self.length = rows, keys, length
-        self.memo: dict[str, _Value] = {}
+        self.memo: dict[int, _Value] = {}
         # id(value) -> (value, its data widened); the value is held so its id stays its own
         self.wide: dict[int, tuple[_Value, Number]] = {}
 

@@ -178,3 +178,26 @@ def test_windows_of_any_spec_parse_once():
     spec = defs.FeatureSpec(windows=(7, 30), interaction_pairs=(("web", "visit"),))
     sql = defs.features_sql(dataclasses.replace(spec, pack_counts=False), source="grid")
     assert projection._parse(sql) is projection._parse(sql)
+
+
+def test_a_repeated_subexpression_is_evaluated_once(monkeypatch):
+    table = pa.table({"a": pa.array([1, 2, 3]), "b": pa.array([4, 5, 6])})
+    sql = (
+        "WITH s AS (SELECT a + b AS x, (a + b) * 2 AS y, a + 1 AS z, (a + b) - 1 AS w FROM t) "
+        "SELECT x, y, z, w FROM s"
+    )
+    added: list[str] = []
+    evaluate = projection._Evaluator._eval
+
+    def counting(self, node):
+        if isinstance(node, projection.exp.Add):
+            added.append(node.sql())
+        return evaluate(self, node)
+
+    monkeypatch.setattr(projection._Evaluator, "_eval", counting)
+    out = projection.evaluate(sql, table, source="t")
+    # a + b once for x, y and w; a + 1 is another expression
+    assert sorted(added) == ["a + 1", "a + b"]
+    assert out.column("y").to_pylist() == [10, 14, 18]
+    assert out.column("w").to_pylist() == [4, 6, 8]
+    assert out.column("z").to_pylist() == [2, 3, 4]
