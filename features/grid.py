@@ -190,14 +190,14 @@ def _load_events(
     """The event rows, read by the SQL's own row and code definitions, ready for the kernels.
 
     ``sources`` (the transactions and interactions ``con`` has bound as ``tx`` and ``ix``)
-    are read straight into Arrow where their types allow (:func:`_direct_transactions`),
-    which is several times faster than fetching DuckDB's result; otherwise DuckDB reads
-    them. The interactions are read on ``pool`` while the transactions are read, coded and
-    grouped here; both release the GIL for most of their work, and the connection serves
-    one of them at a time. The events come back with the transactions (``ix`` None), and
-    the interactions with the future that loads them, so the transaction kernel need not
-    wait for them. With ``discover``, the interaction pairs are those the interaction rows
-    hold (``ix`` is bound), found as they are read.
+    are read by pyarrow where their types allow (:func:`_direct_transactions`), which is
+    several times faster than fetching DuckDB's result; otherwise DuckDB reads them. The
+    interactions are read on ``pool`` while the transactions are read, coded and grouped
+    here; both release the GIL for most of their work, and the connection serves one of
+    them at a time. The events come back with the transactions (``ix`` None), and the
+    interactions with the future that loads them, so the transaction kernel need not wait
+    for them. With ``discover``, the interaction pairs are those the interaction rows hold
+    (``ix`` is bound), found as they are read.
     """
     from rapport.features import kernels
 
@@ -353,6 +353,12 @@ def _batches(
         return None
 
 
+def _is_number(kind: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
+    )
+
+
 def _is_id(kind: pa.DataType) -> bool:
     # categorical ids go through DuckDB, which compares them as their values
     return not pa.types.is_dictionary(kind) and not pa.types.is_null(kind)
@@ -408,12 +414,6 @@ def small_pages() -> Iterator[None]:
             _pages_users -= 1
             if _pages_users == 0:
                 set_advice(_pages_before)
-
-
-def _is_number(kind: pa.DataType) -> bool:
-    return bool(
-        pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_decimal(kind)
-    )
 
 
 def _day_numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
