@@ -106,6 +106,74 @@ def _by_code(code: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> np.ndarr
 
 
 @njit(cache=True, nogil=True)
+def scattered(order: np.ndarray) -> bool:
+    """Whether more than one row in 64 does not follow the row before it in ``order``."""
+    breaks = 0
+    for i in range(1, len(order)):
+        if order[i] != order[i - 1] + 1:
+            breaks += 1
+    return breaks * 64 > len(order)
+
+
+@njit(cache=True, nogil=True)
+def in_order(
+    order: np.ndarray, code: np.ndarray, day: np.ndarray, amount: np.ndarray, flag: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The transaction rows gathered in ``order`` (one pass, four arrays)."""
+    m = len(order)
+    out_code = np.empty(m, dtype=code.dtype)
+    out_day = np.empty(m, dtype=day.dtype)
+    out_amount = np.empty(m, dtype=amount.dtype)
+    out_flag = np.empty(m, dtype=flag.dtype)
+    for i in range(m):
+        r = order[i]
+        out_code[i] = code[r]
+        out_day[i] = day[r]
+        out_amount[i] = amount[r]
+        out_flag[i] = flag[r]
+    return out_code, out_day, out_amount, out_flag
+
+
+@njit(cache=True, nogil=True)
+def codes_ascend(code: np.ndarray) -> bool:
+    """Whether the codes never fall from one row to the next."""
+    for i in range(1, len(code)):  # noqa: SIM110
+        if code[i] < code[i - 1]:
+            return False
+    return True
+
+
+@njit(cache=True, nogil=True)
+def by_customer(
+    code: np.ndarray, day: np.ndarray, combo: np.ndarray, n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The interaction rows of known customers (code >= 0), stably counting-sorted by code.
+
+    The interaction kernel adds each row to its customer's columns: rows in code order write
+    column after column, where rows in time order (or any other) jump across the output.
+    """
+    starts = np.zeros(n + 1, dtype=np.int64)
+    for i in range(len(code)):
+        if code[i] >= 0:
+            starts[code[i] + 1] += 1
+    for c in range(n):
+        starts[c + 1] += starts[c]
+    m = starts[n]
+    sorted_code = np.empty(m, dtype=code.dtype)
+    sorted_day = np.empty(m, dtype=day.dtype)
+    sorted_combo = np.empty(m, dtype=combo.dtype)
+    for i in range(len(code)):
+        c = code[i]
+        if c >= 0:
+            at = starts[c]
+            starts[c] += 1
+            sorted_code[at] = c
+            sorted_day[at] = day[i]
+            sorted_combo[at] = combo[i]
+    return sorted_code, sorted_day, sorted_combo
+
+
+@njit(cache=True, nogil=True)
 def positions(first_k: np.ndarray, j0: int, j1: int, offsets: np.ndarray) -> np.ndarray:
     """Each customer's column at each cutoff ``j0 <= j < j1`` (-1 where it has none).
 
@@ -394,6 +462,10 @@ def warm() -> None:
     )
     counts = np.zeros((8, 1), dtype=np.int32)
     combo = np.zeros(1, dtype=np.uint16)
+    codes_ascend(i64)
+    by_customer(i64, i32, combo, 1)
+    scattered(i64)
+    in_order(i64, i64, i32, np.zeros(1), flag)
     interaction_kernel(
         i64, i32, combo, i32, i32, flag, flag, i64, position, i64, i64 + 1, 1, 1, 0, 1, counts
     )
