@@ -388,7 +388,8 @@ class _Stacker:
 
     The frame's numeric columns (integers, floats, timestamps) are allocated up front as the
     2-D blocks a pandas frame keeps, one per dtype, and each batch's Arrow chunks are copied
-    straight into them; text and categories are converted per batch and joined at the end.
+    straight into them (or, from the grid, its features are projected into them: see
+    :meth:`reserve`); text and categories are converted per batch and joined at the end.
     The blocks become the frame as they are (``create_dataframe_from_blocks``): no
     consolidation copy. Before, every batch was held until the last was out and the frame
     assembled beside them, and a frame built from separate columns is consolidated (copied)
@@ -415,14 +416,6 @@ class _Stacker:
                 dtypes[field.name] = None
         self._allocate_for(dtypes)
 
-    def _allocate_like(self, frame: pd.DataFrame) -> None:
-        """Blocks for a frame's numeric columns (numpy dtypes), as :meth:`_allocate`."""
-        numeric = {
-            str(name): dtype if isinstance(dtype, np.dtype) and dtype.kind in "iufM" else None
-            for name, dtype in frame.dtypes.items()
-        }
-        self._allocate_for(numeric)
-
     def _allocate_for(self, dtypes: dict[str, np.dtype | None]) -> None:
         """Blocks for the columns with a dtype; the others (None) are joined at the end."""
         self.names = list(dtypes)
@@ -431,11 +424,8 @@ class _Stacker:
             {name: dtype for name, dtype in dtypes.items() if dtype is not None}, self.total_rows
         )
 
-    def add(self, table: pa.Table | pd.DataFrame) -> None:
+    def add(self, table: pa.Table) -> None:
         """Copy ``table`` into the result, its rows after the previous batch's."""
-        if isinstance(table, pd.DataFrame):
-            self._add_frame(table)
-            return
         if not self.names:
             self._allocate(table.schema)
         if table.column_names != self.names:
@@ -485,21 +475,6 @@ class _Stacker:
         for name, values in other.items():
             self.other[name].append(pd.Series(values))
         self.done += n
-
-    def _add_frame(self, frame: pd.DataFrame) -> None:
-        if not self.names:
-            self._allocate_like(frame)
-        if list(frame.columns) != self.names:
-            raise ValueError(f"feature batches differ in columns: {list(frame.columns)}")
-        if self.done + len(frame) > self.total_rows:
-            raise ValueError(f"feature batches hold more than the {self.total_rows} rows expected")
-        for name in self.names:
-            if name in self.other:
-                self.other[name].append(frame[name].reset_index(drop=True))
-                continue
-            dtype, row = self.slot[name]
-            self.blocks[dtype][row, self.done : self.done + len(frame)] = frame[name].to_numpy()
-        self.done += len(frame)
 
     def frame(self) -> pd.DataFrame:
         """The stacked frame, once every batch is in."""
