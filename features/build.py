@@ -643,7 +643,7 @@ def _grid_feature_tables(
     frame, yielded once: each batch writes its features into the result's blocks, where a
     frame per batch was made and copied in (2.3 GB a batch for 12 cutoffs at 10M).
     """
-    from rapport.features.grid import grid_tables, small_pages
+    from rapport.features.grid import gc_paused, grid_tables, small_pages
 
     unpacked = dataclasses.replace(spec, pack_counts=False)
     with _bound(connection, cutoffs=[cutoffs[-1]], tx=tx, ix=ix) as con:
@@ -660,8 +660,9 @@ def _grid_feature_tables(
         projecting = True
         while True:
             batch: pa.Table | pd.DataFrame | None
-            # 4 KiB pages while the grid computes (see small_pages), not while the caller runs
-            with small_pages():
+            # 4 KiB pages and no cycle collection while the grid computes (see small_pages
+            # and gc_paused), not while the caller runs
+            with small_pages(), gc_paused():
                 item = next(tables, None)
                 if item is None:
                     break

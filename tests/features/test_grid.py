@@ -581,6 +581,51 @@ def test_the_grid_computes_on_small_pages_and_leaves_numpy_as_it_was(
     assert seen == [True]
 
 
+def test_the_grid_computes_without_cycle_collection_and_restores_it(tiny_tx, tiny_ix, monkeypatch):
+    import gc
+
+    from rapport.features import grid
+
+    seen: list[bool] = []
+    project = build.projection.evaluate_columns
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return project(*args, **kwargs)
+
+    monkeypatch.setattr(build.projection, "evaluate_columns", spy)
+    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 1)  # one cutoff a batch
+    assert gc.isenabled()
+    batches = iter_features(tiny_tx, tiny_ix, as_of=["2024-01-31", "2024-02-29"])
+    first = next(batches)
+    # between batches the caller runs with the collector on
+    assert len(first) and seen == [False] and gc.isenabled()
+    assert len(list(batches)) == 1 and seen == [False, False]
+    assert gc.isenabled()
+    with grid.gc_paused(), grid.gc_paused():
+        assert not gc.isenabled()
+    assert gc.isenabled()
+
+    # a build that fails inside still turns the collector back on
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(build.projection, "evaluate_columns", broken)
+    with pytest.raises(RuntimeError, match="boom"):
+        build_features(tiny_tx, tiny_ix, as_of="2024-02-29")
+    assert gc.isenabled()
+
+    # a user who turned it off keeps it off
+    gc.disable()
+    try:
+        monkeypatch.setattr(build.projection, "evaluate_columns", spy)
+        seen.clear()
+        build_features(tiny_tx, tiny_ix, as_of="2024-02-29")
+        assert seen == [False] and not gc.isenabled()
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("kind", ["direct", "duckdb"])
 def test_the_grid_finds_the_interaction_pairs_as_it_reads(tiny_tx, tiny_ix, monkeypatch, kind):
     """No separate scan for the pairs: those of the rows, as discover_interaction_pairs finds."""
