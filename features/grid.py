@@ -436,11 +436,12 @@ def gc_paused() -> Iterator[None]:
 
     The grid's projection parses the feature SQL and evaluates it chunk by chunk on several
     threads, making a few hundred thousand small Python objects on the way. That set off
-    three full collections per 10M-row build, each walking every object of the process with
-    the GIL held while the projection's threads waited: 0.17 s of collecting in the
-    benchmark's process, the build 2.85 s on average against 3.12 s with the collector
-    (four alternating pairs), and more in a process that holds more objects (MLflow, a
-    trained model, a notebook). Reference counting still frees everything without cycles;
+    205 collections per 10M-row build, two of them full, each walking every object of the
+    process with the GIL held while the projection's threads waited: 0.19 s of collecting
+    in the benchmark's process (none at all on the SQL path at 1M), the build 2.52-3.27 s
+    (median 2.65) against 2.78-3.08 s (median 3.00) with the collector in five alternating
+    pairs, and more in a process that holds more objects (MLflow, a trained model, a
+    notebook). Reference counting still frees everything without cycles;
     cycles made inside (sqlglot's nodes point to their parents) wait for the collector's
     next run. Like :func:`small_pages` it is process-wide: off while the grid computes,
     never while its caller runs, and restored when the last concurrent user leaves.
