@@ -441,10 +441,10 @@ def gc_paused() -> Iterator[None]:
     in the benchmark's process (none at all on the SQL path at 1M), the build 2.52-3.27 s
     (median 2.65) against 2.78-3.08 s (median 3.00) with the collector in five alternating
     pairs, and more in a process that holds more objects (MLflow, a trained model, a
-    notebook). Reference counting still frees everything without cycles;
-    cycles made inside (sqlglot's nodes point to their parents) wait for the collector's
-    next run. Like :func:`small_pages` it is process-wide: off while the grid computes,
-    never while its caller runs, and restored when the last concurrent user leaves.
+    notebook). Reference counting still frees everything without cycles; cycles made inside
+    (sqlglot's nodes point to their parents) wait for the collector's next run. Like
+    :func:`small_pages` it is process-wide: off while the grid computes, never while its
+    caller runs, and restored when the last concurrent user leaves.
     """
     global _gc_users, _gc_was_enabled
     with _gc_lock:
