@@ -28,10 +28,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import gc
+import importlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -383,13 +385,51 @@ def _is_text(kind: pa.DataType) -> bool:
     return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind))
 
 
-_pages_lock = threading.Lock()
-_pages_users = 0
-_pages_before = True
+class _Switch:
+    """A process-wide setting held changed while any thread is inside :meth:`held`.
+
+    The first to enter makes the change (``change`` returns what to restore), the last to
+    leave restores it (``restore``), so concurrent builds neither undo each other's change
+    nor leave it behind.
+    """
+
+    def __init__(self, change: Callable[[], object], restore: Callable[[object], object]) -> None:
+        self._change, self._restore = change, restore
+        self._lock = threading.Lock()
+        self._users = 0
+        self._before: object = None
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._users == 0:
+                self._before = self._change()
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._restore(self._before)
 
 
-@contextlib.contextmanager
-def small_pages() -> Iterator[None]:
+def _small_pages_switch() -> _Switch | None:
+    """The switch of numpy's huge-page advice (None where this numpy has none)."""
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy < 2
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    set_advice = getattr(multiarray, "_set_madvise_hugepage", None)
+    if set_advice is None:
+        return None
+    return _Switch(functools.partial(set_advice, False), lambda before: set_advice(before))
+
+
+_SMALL_PAGES = _small_pages_switch()
+
+
+def small_pages() -> contextlib.AbstractContextManager[None]:
     """Allocate numpy arrays without ``madvise(MADV_HUGEPAGE)`` inside, unless the user chose.
 
     numpy advises transparent huge pages for its large arrays. On this project's 2-core VM
@@ -401,37 +441,22 @@ def small_pages() -> Iterator[None]:
     computes, never while its caller runs, and restored when the last concurrent user
     leaves. A user who set ``NUMPY_MADVISE_HUGEPAGE`` keeps their choice.
     """
-    global _pages_users, _pages_before
-    import importlib
-
-    try:
-        multiarray = importlib.import_module("numpy._core.multiarray")
-    except ImportError:  # numpy < 2
-        multiarray = importlib.import_module("numpy.core.multiarray")
-    set_advice = getattr(multiarray, "_set_madvise_hugepage", None)
-    if set_advice is None or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
-        yield
-        return
-    with _pages_lock:
-        if _pages_users == 0:
-            _pages_before = set_advice(False)
-        _pages_users += 1
-    try:
-        yield
-    finally:
-        with _pages_lock:
-            _pages_users -= 1
-            if _pages_users == 0:
-                set_advice(_pages_before)
+    if _SMALL_PAGES is None or "NUMPY_MADVISE_HUGEPAGE" in os.environ:
+        return contextlib.nullcontext()
+    return _SMALL_PAGES.held()
 
 
-_gc_lock = threading.Lock()
-_gc_users = 0
-_gc_was_enabled = True
+def _collector_off() -> bool:
+    """Turn the cycle collector off; whether it was on."""
+    was_on = gc.isenabled()
+    gc.disable()
+    return was_on
 
 
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
+_NO_COLLECTOR = _Switch(_collector_off, lambda was_on: gc.enable() if was_on else None)
+
+
+def gc_paused() -> contextlib.AbstractContextManager[None]:
     """Python's cycle collector off inside, unless the user turned it off already.
 
     The grid's projection parses the feature SQL and evaluates it chunk by chunk on several
@@ -446,19 +471,7 @@ def gc_paused() -> Iterator[None]:
     :func:`small_pages` it is process-wide: off while the grid computes, never while its
     caller runs, and restored when the last concurrent user leaves.
     """
-    global _gc_users, _gc_was_enabled
-    with _gc_lock:
-        if _gc_users == 0:
-            _gc_was_enabled = gc.isenabled()
-            gc.disable()
-        _gc_users += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_users -= 1
-            if _gc_users == 0 and _gc_was_enabled:
-                gc.enable()
+    return _NO_COLLECTOR.held()
 
 
 def _day_numbers(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
