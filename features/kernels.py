@@ -94,6 +94,45 @@ def group_order(code: np.ndarray, day: np.ndarray, refund: np.ndarray, n: int) -
 
 
 @njit(cache=True, nogil=True)
+def sort_within(
+    code: np.ndarray, day: np.ndarray, amount: np.ndarray, is_purchase: np.ndarray, limit: int
+) -> bool:
+    """Sort each customer's rows by (day, refund) in place, where the codes ascend.
+
+    Rows that come grouped by customer are mostly in order already: a refund listed before
+    a purchase of its day puts about one customer in a thousand out of it. Sorting those
+    few rows where they lie spares :func:`group_order`'s order over every row (80 MB at
+    10M rows, 0.12 s, and the kernel reading through it). False, changing nothing, where a
+    code falls from one row to the next or more than ``limit`` customers are out of order.
+    """
+    m = len(code)
+    # the spans to sort, found before anything moves
+    spans = np.empty(2 * (limit + 1), dtype=np.int64)
+    k, start = 0, 0
+    disordered = False
+    for i in range(1, m + 1):
+        if i == m or code[i] != code[start]:
+            if i < m and code[i] < code[start]:
+                return False
+            if disordered:
+                if k == limit:
+                    return False
+                spans[2 * k], spans[2 * k + 1] = start, i
+                k += 1
+            start, disordered = i, False
+        elif 2 * day[i] + (not is_purchase[i]) < 2 * day[i - 1] + (not is_purchase[i - 1]):
+            disordered = True
+    for s in range(k):
+        a, b = spans[2 * s], spans[2 * s + 1]
+        key = day[a:b].astype(np.int64) * 2 + ~is_purchase[a:b]
+        by_key = np.argsort(key, kind="mergesort")  # stable, as group_order
+        day[a:b] = day[a:b][by_key]
+        amount[a:b] = amount[a:b][by_key]
+        is_purchase[a:b] = is_purchase[a:b][by_key]
+    return True
+
+
+@njit(cache=True, nogil=True)
 def _by_code(code: np.ndarray, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
     """``rows`` stably counting-sorted by code; ``starts`` holds each code's first place."""
     fill = starts[:-1].copy()
@@ -453,6 +492,7 @@ def warm() -> None:
     flag, none = np.zeros(1, dtype=bool), np.empty(0, dtype=np.int64)
     is_grouped(i64, i32, flag)
     group_order(i64, i32, flag, 1)
+    sort_within(i64, i32, np.zeros(1), flag, 1)
     first_purchase_days(i64, i32, flag, 1)
     offsets = np.array([0, 1], dtype=np.int64)
     position = positions(i64, 0, 1, offsets)

@@ -275,6 +275,51 @@ def test_kernel_grouping_is_a_stable_sort_by_customer_day_and_refund(rows):
     np.testing.assert_array_equal(order, expected)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    spans=st.lists(
+        st.lists(st.tuples(st.integers(-3, 3), st.booleans()), min_size=1, max_size=8),
+        max_size=8,
+    ),
+)
+def test_sorting_within_customers_in_place_matches_the_stable_sort(spans):
+    """Rows grouped by code come out as group_order reads them, each row whole."""
+    from rapport.features import kernels
+
+    code = np.array([c for c, rows in enumerate(spans) for _ in rows], dtype=np.int64)
+    day = np.array([d for rows in spans for d, _ in rows], dtype=np.int32)
+    is_purchase = np.array([p for rows in spans for _, p in rows], dtype=bool)
+    amount = np.arange(len(code), dtype=np.float64)  # each row's own number
+    expected = np.lexsort((~is_purchase, day, code))
+    disordered = len(
+        {
+            int(code[i])
+            for i in range(1, len(code))
+            if code[i] == code[i - 1]
+            and (day[i], not is_purchase[i]) < (day[i - 1], not is_purchase[i - 1])
+        }
+    )
+    if disordered:
+        # past the limit, nothing moves and the caller orders the rows instead
+        rows = (day.copy(), amount.copy(), is_purchase.copy())
+        assert not kernels.sort_within(code, *rows, disordered - 1)
+        for kept, before in zip(rows, (day, amount, is_purchase), strict=True):
+            np.testing.assert_array_equal(kept, before)
+    assert kernels.sort_within(code, day, amount, is_purchase, disordered)
+    np.testing.assert_array_equal(amount, expected)
+    assert kernels.is_grouped(code, day, ~is_purchase)
+
+
+def test_sorting_within_customers_refuses_codes_that_fall():
+    from rapport.features import kernels
+
+    code = np.array([0, 2, 1], dtype=np.int64)
+    day = np.array([3, 2, 1], dtype=np.int32)
+    amount, is_purchase = np.array([1.0, 2.0, 3.0]), np.ones(3, dtype=bool)
+    assert not kernels.sort_within(code, day, amount, is_purchase, 3)
+    assert day.tolist() == [3, 2, 1] and amount.tolist() == [1.0, 2.0, 3.0]
+
+
 @pytest.mark.parametrize("layout", ["grouped", "one_out_of_order", "by_time", "shuffled"])
 def test_kernel_grouping_takes_each_path_to_the_same_order(layout):
     """Codes already ascending, a few customers to sort in place, or a radix sort: one order."""
