@@ -749,11 +749,11 @@ def _grid_frame(
         elif name not in slot:
             other[name] = _column_values(projection.arrow(column).to_pandas())
         elif column.null is not False:
+            # a NULL double is NaN already (as pandas shows it); an integer has no such value
             data = column.data
             assert isinstance(data, np.ndarray)
             if data.dtype.kind != "f":
                 raise projection.UnsupportedSQLError(f"NULLs in the integer feature {name}")
-            data[column.null] = np.nan  # as pandas shows a NULL double
     as_of = grid.column("as_of").to_numpy()
     inputs = {c: blocks[slot[c][0]][slot[c][1], at : at + n] for _, c, _ in SCORED_FEATURES}
     scores = _score_arrays(as_of, inputs)

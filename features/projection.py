@@ -174,9 +174,10 @@ def evaluate_columns(
 
     Each computed column is ``data`` (int64, float64, or int32 codes into ``labels`` for
     text; a DATE's day numbers where ``date``) and ``null``, a mask or ``False``; values
-    under the mask are unspecified. A ``keep`` column passed through is named by ``kept``
-    (take it from ``table``). ``allocate`` gets the computed columns' dtypes once the first
-    rows are evaluated, and returns the arrays to write them into (a frame's blocks, say).
+    under the mask are NaN in a float column and unspecified otherwise. A ``keep`` column
+    passed through is named by ``kept`` (take it from ``table``). ``allocate`` gets the
+    computed columns' dtypes once the first rows are evaluated, and returns the arrays to
+    write them into (a frame's blocks, say).
     """
     query = _parse(sql)
     inputs = {name: _input(table.column(name), name, keep) for name in table.column_names}
@@ -292,6 +293,11 @@ def _store(out: _Value, value: _Value, start: int, stop: int, nulls: threading.L
     if value.labels != out.labels:
         raise UnsupportedSQLError("a text column whose values change between rows")
     out.data[start:stop] = value.data
+    if value.null is not False and out.data.dtype.kind == "f":
+        # NaN under a NULL, as pandas shows a NULL double: here each chunk is still in
+        # cache and on its own thread, where a masked write over the whole column after
+        # took 0.09 s on one core for 1.5M rows
+        np.copyto(out.data[start:stop], np.nan, where=value.null)
     if value.null is not False:
         with nulls:
             if out.null is False:
