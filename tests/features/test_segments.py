@@ -105,15 +105,20 @@ def test_scores_against_rank_a_newcomer_in_the_reference():
     seed=st.integers(0, 2**16),
 )
 def test_fifths_by_order_statistics_equal_the_ranked_rule(n, distinct, seed):
-    # the partition shortcut must give the bucket the sort-based rule gives, ties and the
-    # boundaries where 5 * rank is a whole number in floating point included
+    # the partition and histogram shortcuts must give the bucket the sort-based rule gives,
+    # ties and the boundaries where 5 * rank is a whole number in floating point included
     rng = np.random.default_rng(seed)
-    x = rng.integers(0, distinct, n).astype("float64") * 0.37
-    below = _below_within(x)
-    expected = np.minimum(4, np.floor(5 * (below / (n - 1)))).astype("int32")
-    got = _fifths_within(x)
-    assert got is not None
-    np.testing.assert_array_equal(got, expected)
+    days = rng.integers(0, distinct, n) * 3 - 40
+    for x in (days.astype("float64") * 0.37, days, days.astype("int32")):
+        below = _below_within(x.astype("float64"))
+        expected = np.minimum(4, np.floor(5 * (below / (n - 1)))).astype("int32")
+        got = _fifths_within(x)
+        assert got is not None
+        np.testing.assert_array_equal(got, expected)
+    # integers spread too wide for a histogram take the partition
+    spread = days.astype("int64") * 10**9
+    expected = np.minimum(4, np.floor(5 * (_below_within(spread * 1.0) / (n - 1))))
+    np.testing.assert_array_equal(_fifths_within(spread), expected.astype("int32"))
 
 
 def test_fifths_leave_nan_and_small_populations_to_the_sort():
