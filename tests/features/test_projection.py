@@ -119,14 +119,22 @@ def test_kept_columns_pass_through_as_they_came():
 @pytest.mark.parametrize("chunk_rows", [1, 2, 1 << 16])
 def test_a_null_double_is_nan_in_the_columns_written(chunk_rows):
     """Written as pandas shows a NULL double, chunk by chunk; the mask still says NULL."""
-    table = pa.table({"x": pa.array([0.5, None, 2.0, None, 4.0]), "i": pa.array([1, 2, 3, 4, 5])})
-    columns = projection.evaluate_columns(
-        "SELECT x * 2 AS y, i + 1 AS k FROM r", table, source="r", keep=(), chunk_rows=chunk_rows
+    table = pa.table(
+        {
+            "x": pa.array([0.5, None, 2.0, None, 4.0]),
+            "h": pa.array([None, 1.5, None, None, 0.25], pa.float32()),  # widened as stored
+            "i": pa.array([1, 2, 3, 4, 5]),
+        }
     )
-    y = columns["y"]
+    columns = projection.evaluate_columns(
+        "SELECT x * 2 AS y, h, i + 1 AS k FROM r", table, source="r", keep=(), chunk_rows=chunk_rows
+    )
+    y, h = columns["y"], columns["h"]
     assert isinstance(y.data, np.ndarray) and isinstance(y.null, np.ndarray)
     np.testing.assert_array_equal(y.data, [1.0, np.nan, 4.0, np.nan, 8.0])
     assert y.null.tolist() == [False, True, False, True, False]
+    assert isinstance(h.data, np.ndarray) and h.data.dtype == np.float64
+    np.testing.assert_array_equal(h.data, [np.nan, 1.5, np.nan, np.nan, 0.25])
     assert columns["k"].null is False and columns["k"].data.tolist() == [2, 3, 4, 5, 6]
 
 
