@@ -398,12 +398,18 @@ class _Evaluator:
             self.memo[key] = self._eval(node)
         return self.memo[key]
 
-    def _numbers(self, node: exp.Expression) -> tuple[_Value, Number]:
+    def _number(self, node: exp.Expression) -> _Value:
+        """``node``'s value, refused unless it is a number."""
         value = self.eval(node)
         if value.labels is not None or (value.data is None and value.kept is not None):
             raise UnsupportedSQLError(f"arithmetic on text: {node.sql()}")
         if value.data is None:
             raise UnsupportedSQLError(f"arithmetic on NULL: {node.sql()}")
+        return value
+
+    def _numbers(self, node: exp.Expression) -> tuple[_Value, Number]:
+        """``node``'s number and its data widened for arithmetic (once per value)."""
+        value = self._number(node)
         if id(value) not in self.wide:
             self.wide[id(value)] = (value, _wide(value.data))
         return value, self.wide[id(value)][1]
@@ -465,11 +471,13 @@ class _Evaluator:
     def _coalesce(self, nodes: list[exp.Expression]) -> _Value:
         out = self.eval(nodes[-1])
         for node in reversed(nodes[:-1]):
-            value, x = self._numbers(node)
+            # a value without NULLs is the result as it is: widening it (a copy of every
+            # count column, chunk by chunk) is left to the store
+            value = self._number(node)
             if value.null is False:
                 out = value
             elif value.null is not True:
-                data: Number = np.where(value.null, out.data, x)
+                data: Number = np.where(value.null, out.data, self._numbers(node)[1])
                 out = _Value(data, np.logical_and(value.null, out.null))
         return out
 
