@@ -10,7 +10,7 @@ by the chunk size. A seeded synthetic world is written once (``--data``, default
 ``bench/results/data_batch_<n>/``, never committed). The champion models come from
 ``--home`` (default ``.rapport``, as ``rapport demo`` leaves it; the synthetic generator gives
 the same feature columns at any size). Each job runs in its own subprocess so its peak RSS
-(``ru_maxrss``) is its own:
+(``VmHWM``, see ``peak_memory.py``) is its own:
 
 - ``rapport``: :func:`rapport.serving.batch.score_chunks` + ``score_batch`` (features streamed
   out of DuckDB in chunks, compiled models, Parquet written as it goes), at two chunk sizes
@@ -30,20 +30,17 @@ import datetime as dt
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from peak_memory import peak_gb
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 TARGET_SECONDS = 30.0
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def _worker(job: str, data: Path, home: Path, as_of: str, chunk: int, out: Path) -> dict[str, Any]:
@@ -99,7 +96,7 @@ def _worker(job: str, data: Path, home: Path, as_of: str, chunk: int, out: Path)
         "rows": rows,
         "load_seconds": loaded - start,
         "score_seconds": end - loaded,
-        "peak_gb": _peak_gb(),
+        "peak_gb": peak_gb(),
     }
 
 

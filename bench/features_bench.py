@@ -7,7 +7,7 @@ Usage::
 
 For each size a seeded synthetic world (about as many interactions as transactions) is written
 to Parquet once, then every measurement runs in a fresh subprocess so that its peak memory
-(``ru_maxrss``) is its own:
+(the high-water mark of its own address space, ``VmHWM``) is its own:
 
 - ``scan``: DuckDB reads the same columns of both Parquet files (a bare aggregate: nothing
   is kept, so this is the strictest reading of the issue's "bare scan");
@@ -40,11 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from peak_memory import peak_gb
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -163,8 +164,7 @@ def _worker(kind: str, data: Path) -> dict[str, float]:
     else:
         raise ValueError(kind)
     seconds = time.perf_counter() - start
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    return {"seconds": seconds, "peak_gb": peak_gb, "rows": rows}
+    return {"seconds": seconds, "peak_gb": peak_gb(), "rows": rows}
 
 
 def _size(data: Path) -> int:

@@ -11,8 +11,8 @@ Target (from the issue): training on 1M synthetic customers in under 5 minutes w
 under 8 GB. For each size a seeded synthetic world is written to Parquet once (``--data``,
 default ``bench/results/data_training/``, never committed); then each task (``churn``,
 ``clv``, shipped default configs plus any ``--override``) runs in a fresh subprocess with its
-own temporary ``RAPPORT_HOME`` (an empty MLflow SQLite store), so its peak RSS
-(``ru_maxrss``) is its own and the gate has no champion to load. The ``step`` callback of
+own temporary ``RAPPORT_HOME`` (an empty MLflow SQLite store), so its peak RSS (``VmHWM``,
+see ``peak_memory.py``) is its own and the gate has no champion to load. The ``step`` callback of
 :func:`rapport.training.pipeline.train` times its steps:
 
 - ``setup``: before the first step (MLflow tracking set-up and the experiment; on an empty
@@ -45,7 +45,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 import sys
@@ -53,6 +52,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from peak_memory import peak_gb
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -65,10 +66,6 @@ STEP_KEYS = {
     "Comparing": "gate",
 }
 STEPS = ("setup", "build", "mlflow", "fit", "log", "gate")
-
-
-def _peak_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -188,7 +185,7 @@ def _worker_train(task: str, data: Path, home: Path, overrides: dict[str, Any]) 
         key = next((v for k, v in STEP_KEYS.items() if title.startswith(k)), title)
         start = time.perf_counter()
         yield
-        marks.append((key, start, time.perf_counter(), _peak_gb()))
+        marks.append((key, start, time.perf_counter(), peak_gb()))
         if key == "build":
             spill = Path(tempfile.gettempdir()) / "rapport_duckdb"
             used = sum(f.stat().st_size for f in spill.glob("*")) if spill.exists() else 0
@@ -200,7 +197,7 @@ def _worker_train(task: str, data: Path, home: Path, overrides: dict[str, Any]) 
     start = time.perf_counter()
     result = pipeline.train(config, tx, ix, source=str(data), settings=settings, step=step)
     total = time.perf_counter() - start
-    peak = _peak_gb()
+    peak = peak_gb()
 
     steps = {key: end - begin for key, begin, end, _ in marks}
     # Between the steps: store setup before the first one, MLflow calls between the others.
@@ -293,7 +290,7 @@ def _worker_reference(task: str, home: Path, overrides: dict[str, Any]) -> dict[
     out["lgb_default_trees"] = booster.num_trees()
     out["lgb_default_params"] = params
     out["matrix_shape"] = list(x.shape)
-    out["peak_gb"] = _peak_gb()
+    out["peak_gb"] = peak_gb()
     return out
 
 
@@ -366,7 +363,7 @@ def main() -> None:
         print(json.dumps(res, default=str))
         return
 
-    # The driver stays small (no pandas): a child's ru_maxrss can include its parent's.
+    # The driver stays small (no pandas), though VmHWM is the child's own anyway.
     RESULTS.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     if args.duckdb_memory_limit:
