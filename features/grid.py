@@ -935,12 +935,21 @@ def grid_tables(
                 v = values.pop(name)
                 # each taken over from numpy without a copy (the SQL reads int32 counts
                 # through widen_counts_sql)
-                columns[name] = (
-                    pa.array(v, mask=v == NO_DAY).cast(pa.date32()) if name in days else pa.array(v)
-                )
+                columns[name] = _dates(v) if name in days else pa.array(v)
                 del v
             yield _table_of(columns), total_rows, spec
             start = stop
+
+
+def _dates(days: np.ndarray) -> pa.Array:
+    """int32 day numbers as DATEs, NULL at ``NO_DAY``, over the same buffer.
+
+    The validity bitmap is packed by numpy: Arrow's conversion of a boolean mask took five
+    times as long (0.02 s for the grid's nine day columns at 1.5M rows).
+    """
+    valid = np.packbits(days != NO_DAY, bitorder="little")
+    buffers = [pa.py_buffer(valid), pa.py_buffer(days)]
+    return pa.Array.from_buffers(pa.date32(), len(days), buffers)
 
 
 def _warm_kernels() -> None:

@@ -242,6 +242,9 @@ def _allocated(first: dict[str, _Value], n: int, allocate: Allocator | None) -> 
 
 
 def _input(column: pa.ChunkedArray, name: str, keep: tuple[str, ...]) -> _Value:
+    days = _day_numbers(column)
+    if days is not None:
+        return dataclasses.replace(days, kept=name if name in keep else None)
     null: np.ndarray | bool = False
     if column.null_count:
         null = column.is_null().to_numpy(zero_copy_only=False)
@@ -258,6 +261,27 @@ def _input(column: pa.ChunkedArray, name: str, keep: tuple[str, ...]) -> _Value:
         column = column.fill_null(0)
     # one chunk without nulls: a view; widened chunk by chunk (see _rows)
     return _Value(column.to_numpy(), null, kept, date=date)
+
+
+def _day_numbers(column: pa.ChunkedArray) -> _Value | None:
+    """A DATE column with NULLs as its day numbers and mask, read from its buffers.
+
+    No filled copy: whatever an int32 slot under a NULL holds cannot overflow the int64
+    arithmetic dates take part in, and the mask keeps it out of every result. Seven such
+    columns of the grid took 0.055 s through Arrow's ``is_null`` and ``fill_null``, on the
+    projection's serial start. None for other columns.
+    """
+    if not (pa.types.is_date32(column.type) and column.null_count and column.num_chunks == 1):
+        return None
+    (chunk,) = column.chunks
+    validity, data = chunk.buffers()[:2]
+    if validity is None or data is None:
+        return None
+    n, offset = len(chunk), chunk.offset
+    days = np.frombuffer(data, dtype=np.int32, count=n + offset)[offset:]
+    bits = np.frombuffer(validity, dtype=np.uint8)
+    valid = np.unpackbits(bits, count=n + offset, bitorder="little")[offset:]
+    return _Value(days, valid == 0, date=True)
 
 
 def _rows(value: _Value, start: int, stop: int) -> _Value:
