@@ -511,12 +511,14 @@ class _Evaluator:
         for node in nodes[1:]:
             value, y = self._numbers(node)
             _no_decimal_arithmetic(out, value)
+            if value.date != out.date:
+                raise UnsupportedSQLError("GREATEST of a date and a number")
             data = np.maximum(x, y)
             if out.null is not False:
                 data = np.where(out.null, y, data)
             if value.null is not False:
                 data = np.where(value.null, x, data)
-            out = _Value(data, np.logical_and(out.null, value.null))
+            out = _Value(data, np.logical_and(out.null, value.null), date=out.date)
             x = data
         return out
 

@@ -36,6 +36,7 @@ EXPRESSIONS = [
     "COALESCE(i, j, 7)",
     "DATE_DIFF('day', d, e)",
     "CAST(DATE_DIFF('day', d, e) AS DOUBLE)",
+    "GREATEST(d, e)",  # a DATE
     "x > y",  # NaN is above every number
     "x = y",  # and equal to itself
     "i > 0",
@@ -128,7 +129,7 @@ def test_dates_are_read_from_their_buffers_whatever_lies_under_a_null(offset):
     table = pa.table({"d": d, "e": e, "j": j}).slice(offset)
     sql = (
         "SELECT DATE_DIFF('day', d, e) AS a, CAST(DATE_DIFF('day', e, d) AS DOUBLE) AS b, "
-        "COALESCE(DATE_DIFF('day', d, e), 1000) AS c, "
+        "COALESCE(DATE_DIFF('day', d, e), 1000) AS c, GREATEST(d, e) AS g, "
         "CASE WHEN d > e THEN DATE_DIFF('day', e, d) ELSE 0 END AS k FROM r"
     )
     ours = projection.evaluate(sql, table, source="r", keep=(), chunk_rows=2)
