@@ -242,7 +242,7 @@ def _allocated(first: dict[str, _Value], n: int, allocate: Allocator | None) -> 
 
 
 def _input(column: pa.ChunkedArray, name: str, keep: tuple[str, ...]) -> _Value:
-    days = _day_numbers(column)
+    days = _dates_from_buffers(column)
     if days is not None:
         return dataclasses.replace(days, kept=name if name in keep else None)
     null: np.ndarray | bool = False
@@ -263,7 +263,7 @@ def _input(column: pa.ChunkedArray, name: str, keep: tuple[str, ...]) -> _Value:
     return _Value(column.to_numpy(), null, kept, date=date)
 
 
-def _day_numbers(column: pa.ChunkedArray) -> _Value | None:
+def _dates_from_buffers(column: pa.ChunkedArray) -> _Value | None:
     """A DATE column with NULLs as its day numbers and mask, read from its buffers.
 
     No filled copy: whatever an int32 slot under a NULL holds cannot overflow the int64

@@ -109,7 +109,8 @@ def test_fifths_by_order_statistics_equal_the_ranked_rule(n, distinct, seed):
     # ties and the boundaries where 5 * rank is a whole number in floating point included
     rng = np.random.default_rng(seed)
     days = rng.integers(0, distinct, n) * 3 - 40
-    for x in (days.astype("float64") * 0.37, days, days.astype("int32")):
+    unsigned = (days + 40).astype("uint64")
+    for x in (days.astype("float64") * 0.37, days, days.astype("int32"), unsigned):
         below = _below_within(x.astype("float64"))
         expected = np.minimum(4, np.floor(5 * (below / (n - 1)))).astype("int32")
         got = _fifths_within(x)
