@@ -271,8 +271,22 @@ def test_kernel_grouping_is_a_stable_sort_by_customer_day_and_refund(rows):
     assert kernels.is_grouped(code, day, refund) == bool(
         np.array_equal(expected, np.arange(len(rows)))
     )
-    order = kernels.group_order(code, day, refund, int(code.max()) + 1 if len(rows) else 0)
-    np.testing.assert_array_equal(order, expected)
+    _assert_grouped(code, day, refund, int(code.max()) + 1 if len(rows) else 0, expected)
+
+
+def _assert_grouped(code, day, refund, n, expected):
+    """``by_code`` gives the rows in ``expected`` order, each row whole."""
+    from rapport.features import kernels
+
+    amount = np.arange(len(code), dtype=np.float64)  # each row's own number
+    before = (code.copy(), day.copy(), amount.copy(), ~refund)
+    out = kernels.by_code(code, day, amount, ~refund, n)
+    np.testing.assert_array_equal(out[2], expected)
+    for got, column in zip(out, before, strict=True):
+        np.testing.assert_array_equal(got, column[expected])
+    # the caller's arrays are read, never written
+    np.testing.assert_array_equal(amount, before[2])
+    np.testing.assert_array_equal(day, before[1])
 
 
 @settings(max_examples=60, deadline=None)
@@ -283,7 +297,7 @@ def test_kernel_grouping_is_a_stable_sort_by_customer_day_and_refund(rows):
     ),
 )
 def test_sorting_within_customers_in_place_matches_the_stable_sort(spans):
-    """Rows grouped by code come out as group_order reads them, each row whole."""
+    """Rows grouped by code come out as by_code sorts them, each row whole."""
     from rapport.features import kernels
 
     code = np.array([c for c, rows in enumerate(spans) for _ in rows], dtype=np.int64)
@@ -320,9 +334,11 @@ def test_sorting_within_customers_refuses_codes_that_fall():
     assert day.tolist() == [3, 2, 1] and amount.tolist() == [1.0, 2.0, 3.0]
 
 
-@pytest.mark.parametrize("layout", ["grouped", "one_out_of_order", "by_time", "shuffled"])
+@pytest.mark.parametrize(
+    "layout", ["grouped", "one_out_of_order", "by_time", "shuffled", "one_customer", "wide_days"]
+)
 def test_kernel_grouping_takes_each_path_to_the_same_order(layout):
-    """Codes already ascending, a few customers to sort in place, or a radix sort: one order."""
+    """Rows in any layout, days spread to int32's ends included: one order."""
     from rapport.features import kernels
 
     rng = np.random.default_rng(4)
@@ -339,9 +355,24 @@ def test_kernel_grouping_takes_each_path_to_the_same_order(layout):
     elif layout == "shuffled":
         mixed = rng.permutation(len(code))
         code, day, refund = code[mixed], day[mixed], refund[mixed]
+    elif layout == "one_customer":
+        code[:] = 0
+        n_customers = 1
+    elif layout == "wide_days":
+        day[::7] = np.iinfo(np.int32).min + 1
+        day[3::7] = np.iinfo(np.int32).max
+        mixed = rng.permutation(len(code))
+        code, day, refund = code[mixed], day[mixed], refund[mixed]
     expected = np.lexsort((refund, day, code))
-    order = kernels.group_order(code, day, refund, n_customers)
-    np.testing.assert_array_equal(order, expected)
+    _assert_grouped(code, day, refund, n_customers, expected)
+    if layout == "wide_days":
+        # past 2**30 customers beside such days the key is too narrow: two stable sorts
+        _assert_grouped(code, day, refund, 2**31, expected)
+    if layout == "one_out_of_order":
+        # the few customers out of order are sorted in place instead, to the same rows
+        amount = np.arange(len(code), dtype=np.float64)
+        assert kernels.sort_within(code, day, amount, ~refund, 5)
+        np.testing.assert_array_equal(amount, expected)
 
 
 @pytest.mark.parametrize(
@@ -726,7 +757,7 @@ def test_a_stacked_result_takes_batches_that_went_through_duckdb(tiny_tx, tiny_i
 def test_rows_in_time_order_are_put_in_customer_order_first(monkeypatch):
     """Exports come in time order: both tables are put in customer order before their
     kernels (the interactions by a counting sort that drops unknown customers, the
-    transactions by one gather), and the features equal the SQL's."""
+    transactions by a radix sort), and the features equal the SQL's."""
     from rapport.features import kernels
 
     tx, ix = generate_synthetic(SyntheticConfig(n_customers=400, seed=5))
@@ -734,7 +765,7 @@ def test_rows_in_time_order_are_put_in_customer_order_first(monkeypatch):
     ix = ix.sort_values("timestamp", kind="stable", ignore_index=True)
     ix = pd.concat([ix, ix.iloc[:3].assign(customer_id=10**9)], ignore_index=True)  # unknown
     called: list[str] = []
-    for name in ("by_customer", "in_order"):
+    for name in ("by_customer", "by_code"):
         kernel = getattr(kernels, name)
 
         def spy(*args, _kernel=kernel, _name=name):
@@ -745,6 +776,6 @@ def test_rows_in_time_order_are_put_in_customer_order_first(monkeypatch):
         monkeypatch.setattr(kernels, name, spy)
     cutoffs = ["2025-03-31", "2025-06-30"]
     grid, sql = _both(tx, ix, cutoffs)
-    assert sorted(called) == ["by_customer", "in_order"]
+    assert sorted(called) == ["by_code", "by_customer"]
     assert len(grid) > 500
     pd.testing.assert_frame_equal(grid, sql, check_exact=False, rtol=1e-9)
