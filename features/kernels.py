@@ -86,7 +86,11 @@ def _radix_pass(
     to_key: np.ndarray,
     to_amount: np.ndarray,
 ) -> None:
-    """One stable counting pass of the rows by ``bits`` bits of ``key`` from ``shift`` up."""
+    """One stable counting pass of the rows by ``bits`` bits of ``key`` from ``shift`` up.
+
+    ``amount`` moves with the key, unless it is empty (the key holds the whole row).
+    """
+    carry = len(amount) > 0
     width = 1 << bits
     starts = np.zeros(width + 1, dtype=np.int64)
     for i in range(len(key)):
@@ -98,7 +102,8 @@ def _radix_pass(
         at = starts[b]
         starts[b] += 1
         to_key[at] = key[i]
-        to_amount[at] = amount[i]
+        if carry:
+            to_amount[at] = amount[i]
 
 
 @njit(cache=True, nogil=True)
@@ -180,21 +185,72 @@ def codes_ascend(code: np.ndarray) -> bool:
 def by_customer(
     code: np.ndarray, day: np.ndarray, combo: np.ndarray, n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The interaction rows of known customers (code >= 0), stably counting-sorted by code.
+    """The interaction rows of known customers (code >= 0), stably sorted by code.
 
     The interaction kernel adds each row to its customer's columns: rows in code order write
     column after column, where rows in time order (or any other) jump across the output.
+    Each row is packed into one 64-bit key (code, day, combination) that radix passes over
+    the code's bits move whole (0.58 s for 12.6M rows in random order by a counting sort
+    that scattered three arrays to 1.8M places); a counting sort still does it where the
+    three do not fit in 63 bits.
     """
+    m = len(code)
+    kept, lo, hi, top = 0, np.int64(0), np.int64(0), np.int64(0)
+    for i in range(m):
+        if code[i] >= 0:
+            d = np.int64(day[i])
+            if kept == 0 or d < lo:
+                lo = d
+            if kept == 0 or d > hi:
+                hi = d
+            top = max(top, np.int64(combo[i]))
+            kept += 1
+    combo_bits, day_bits, code_bits = _bit_length(top), _bit_length(hi - lo), _bit_length(n - 1)
+    if combo_bits + day_bits + code_bits > 63:
+        return _counting_by_customer(code, day, combo, n, kept)
+    low = combo_bits + day_bits
+    key = np.empty(kept, dtype=np.int64)
+    j = 0
+    for i in range(m):
+        if code[i] >= 0:
+            rest = ((np.int64(day[i]) - lo) << combo_bits) | np.int64(combo[i])
+            key[j] = (np.int64(code[i]) << low) | rest
+            j += 1
+    spare = np.empty(kept, dtype=np.int64)
+    nothing = np.empty(0, dtype=np.float64)
+    done = 0
+    while done < code_bits:
+        bits = min(RADIX_BITS, code_bits - done)
+        _radix_pass(key, nothing, low + done, bits, spare, nothing)
+        key, spare = spare, key
+        done += bits
+    sorted_code = np.empty(kept, dtype=code.dtype)
+    sorted_day = np.empty(kept, dtype=day.dtype)
+    sorted_combo = np.empty(kept, dtype=combo.dtype)
+    day_mask = (np.int64(1) << day_bits) - 1
+    combo_mask = (np.int64(1) << combo_bits) - 1
+    for i in range(kept):
+        k = key[i]
+        sorted_code[i] = k >> low
+        sorted_day[i] = ((k >> combo_bits) & day_mask) + lo
+        sorted_combo[i] = k & combo_mask
+    return sorted_code, sorted_day, sorted_combo
+
+
+@njit(cache=True, nogil=True)
+def _counting_by_customer(
+    code: np.ndarray, day: np.ndarray, combo: np.ndarray, n: int, kept: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`by_customer` by one counting sort, for keys too wide to pack."""
     starts = np.zeros(n + 1, dtype=np.int64)
     for i in range(len(code)):
         if code[i] >= 0:
             starts[code[i] + 1] += 1
     for c in range(n):
         starts[c + 1] += starts[c]
-    m = starts[n]
-    sorted_code = np.empty(m, dtype=code.dtype)
-    sorted_day = np.empty(m, dtype=day.dtype)
-    sorted_combo = np.empty(m, dtype=combo.dtype)
+    sorted_code = np.empty(kept, dtype=code.dtype)
+    sorted_day = np.empty(kept, dtype=day.dtype)
+    sorted_combo = np.empty(kept, dtype=combo.dtype)
     for i in range(len(code)):
         c = code[i]
         if c >= 0:

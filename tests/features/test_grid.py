@@ -334,6 +334,31 @@ def test_sorting_within_customers_refuses_codes_that_fall():
     assert day.tolist() == [3, 2, 1] and amount.tolist() == [1.0, 2.0, 3.0]
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(-1, 6), st.integers(-5, 5), st.integers(0, 40)), max_size=60
+    ),
+    wide=st.booleans(),
+)
+def test_interactions_by_customer_keep_known_rows_whole_in_a_stable_order(rows, wide):
+    """Unknown customers (-1) dropped, the rest stably by code, packed or not."""
+    from rapport.features import kernels
+
+    code = np.array([c for c, _, _ in rows], dtype=np.int64)
+    day = np.array([d for _, d, _ in rows], dtype=np.int32)
+    combo = np.array([k for _, _, k in rows], dtype=np.uint16)
+    if wide and len(rows):
+        day[0] = np.iinfo(np.int32).min  # beside 2**16 customers, too wide to pack
+        combo[0] = 65535
+    n = 2**16 + 1 if wide else 7
+    known = np.flatnonzero(code >= 0)
+    expected = known[np.argsort(code[known], kind="stable")]
+    out = kernels.by_customer(code, day, combo, n)
+    for got, column in zip(out, (code, day, combo), strict=True):
+        np.testing.assert_array_equal(got, column[expected])
+
+
 @pytest.mark.parametrize(
     "layout", ["grouped", "one_out_of_order", "by_time", "shuffled", "one_customer", "wide_days"]
 )
