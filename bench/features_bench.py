@@ -17,9 +17,9 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
   5M event rows x cutoffs the grid, where DuckDB reads the rows, compiled kernels aggregate
   them and the feature SQL derives the features; below it the feature SQL alone);
 - ``rapport_sql``: the same cutoff by the feature SQL alone (``cutoff_batch=1``);
-- ``rapport_shuffled`` and ``rapport_sql_shuffled``: both on a copy of the world with its rows
-  in random order (the generator writes them grouped by customer and time, which spares the
-  default engine its sort and helps its memory access);
+- ``rapport_shuffled``, ``rapport_sql_shuffled`` and ``pandas_shuffled``: on a copy of the
+  world with its rows in random order (the generator writes them grouped by customer and
+  time, which spares the default engine its sort and helps its memory access);
 - ``plain``: a straightforward DuckDB query (``bench/plain_duckdb.py``: ``FILTER`` aggregates,
   ``COUNT(DISTINCT)``, a subset of the features), the issue's reference point;
 - ``rapport_12``: the same with 12 monthly cutoffs (a training set), computed by the grid
@@ -211,6 +211,7 @@ def _by_round(rounds: list[dict[str, float]]) -> dict[str, list[float]]:
         "rapport_over_read": ("rapport", "read"),
         "pandas_over_rapport": ("pandas", "rapport"),
         "cutoffs12_over_1": ("rapport_12", "rapport"),
+        "shuffled_pandas_over_rapport": ("pandas_shuffled", "rapport_shuffled"),
     }
     return {
         name: [r[a] / r[b] for r in rounds]
@@ -250,7 +251,7 @@ def main() -> None:
         "| transactions | interactions | customers | scan s | read s "
         "| rapport s (x scan, x read) | peak GB | by SQL s (x rapport) "
         "| plain DuckDB s (x rapport) | 12 cutoffs s (x 1) "
-        "| 12 cutoffs peak GB | rows shuffled: rapport s, by SQL s "
+        "| 12 cutoffs peak GB | rows shuffled: rapport s, by SQL s, pandas s (x rapport) "
         "| 12 cutoffs by SQL s (x 1) | load+validate+features s | pandas s (x rapport) "
         "| pandas peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -268,7 +269,7 @@ def main() -> None:
         if size <= args.cutoffs12_max:
             kinds += ["rapport_12", "rapport_12_sql"]
         if size <= args.pandas_max:
-            kinds.append("pandas")
+            kinds += ["pandas", "pandas_shuffled"]
         res, rounds = _measure(kinds, data, args.repeats)
         by_round = _by_round(rounds)
         scan, read, rap = res["scan"], res["read"], res["rapport"]
@@ -305,7 +306,13 @@ def main() -> None:
             f"{rap12['seconds']:.1f} ({ratios['cutoffs12_over_1']:.1f}x)" if rap12 else "skipped",
             f"{rap12['peak_gb']:.2f}" if rap12 else "skipped",
             f"{res['rapport_shuffled']['seconds']:.2f}, "
-            f"{res['rapport_sql_shuffled']['seconds']:.2f}",
+            f"{res['rapport_sql_shuffled']['seconds']:.2f}, "
+            + (
+                f"{res['pandas_shuffled']['seconds']:.1f} "
+                f"({res['pandas_shuffled']['seconds'] / res['rapport_shuffled']['seconds']:.2f}x)"
+                if "pandas_shuffled" in res
+                else "-"
+            ),
             f"{sql12['seconds']:.1f} ({ratios['sql_cutoffs12_over_1']:.1f}x)"
             if sql12
             else "skipped",
