@@ -107,7 +107,8 @@ def _radix_pass(
 
 
 @njit(cache=True, nogil=True)
-def _bit_length(value: int) -> int:
+def _bit_length(value: int | np.integer) -> int:
+    """How many bits ``value`` (>= 0) takes: 0 for 0."""
     bits = 0
     while value >> bits:
         bits += 1
