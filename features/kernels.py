@@ -191,9 +191,9 @@ def by_customer(
     The interaction kernel adds each row to its customer's columns: rows in code order write
     column after column, where rows in time order (or any other) jump across the output.
     Each row is packed into one 64-bit key (code, day, combination) that radix passes over
-    the code's bits move whole (0.58 s for 12.6M rows in random order by a counting sort
-    that scattered three arrays to 1.8M places); a counting sort still does it where the
-    three do not fit in 63 bits.
+    the code's bits move whole: 0.39 s for 12.6M rows in random order, where a counting
+    sort that scattered three arrays to 1.8M places took 0.58 s. The counting sort still
+    does it where the three do not fit in 63 bits.
     """
     m = len(code)
     kept, lo, hi, top = 0, np.int64(0), np.int64(0), np.int64(0)
