@@ -809,11 +809,12 @@ def _duckdb_projection(
 GRID_BATCH_ROWS = 4_000_000
 
 #: Event rows times cutoffs from which the grid is the default engine. Its compiled kernels
-#: take about a second to load in a fresh process, which the feature SQL alone does not
-#: spend: at 1M transactions + 1.25M interactions and one cutoff the SQL took 0.72 s and the
-#: grid 1.56 s; at 12 cutoffs the grid took 3.5 s and the SQL 7.1 s; at 10M, one cutoff,
-#: 5.0 s against 9.1 s (bench/features_bench.py, session 9).
-GRID_MIN_ROW_CUTOFFS = 5_000_000
+#: cost about 0.6 s to import and load in a fresh process, which the feature SQL alone does
+#: not spend. One cutoff, fresh processes, numba's import on the clock (session 13): 0.3M
+#: transactions + 0.38M interactions, SQL 0.43-0.49 s against the grid 0.79-0.99 s; 0.6M +
+#: 0.75M, 0.62-0.83 s against 0.67-1.02 s; 1M + 1.25M, 1.15-1.36 s against 0.82-1.07 s.
+#: (Session 9, before the grid's reads and sorts were rewritten, put the crossing at 5M.)
+GRID_MIN_ROW_CUTOFFS = 2_000_000
 
 
 def _row_cutoffs(tx: Input, ix: Input | None, cutoffs: Sequence[dt.date]) -> int:
