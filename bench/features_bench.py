@@ -283,6 +283,11 @@ def main() -> None:
             "pandas_over_rapport": pandas["seconds"] / rap["seconds"] if pandas else None,
             "plain_over_rapport": res["plain"]["seconds"] / rap["seconds"],
             "sql_over_rapport": res["rapport_sql"]["seconds"] / rap["seconds"],
+            "shuffled_pandas_over_rapport": (
+                res["pandas_shuffled"]["seconds"] / res["rapport_shuffled"]["seconds"]
+                if "pandas_shuffled" in res
+                else None
+            ),
         }
         report["sizes"][str(size)] = {  # type: ignore[index]
             "transactions": n_tx,
@@ -309,7 +314,7 @@ def main() -> None:
             f"{res['rapport_sql_shuffled']['seconds']:.2f}, "
             + (
                 f"{res['pandas_shuffled']['seconds']:.1f} "
-                f"({res['pandas_shuffled']['seconds'] / res['rapport_shuffled']['seconds']:.2f}x)"
+                f"({ratios['shuffled_pandas_over_rapport']:.2f}x)"
                 if "pandas_shuffled" in res
                 else "-"
             ),

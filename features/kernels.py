@@ -19,21 +19,18 @@ from rapport.features.grid import NO_DAY, NO_PURCHASE
 
 
 @njit(cache=True, nogil=True)
-def _before(code: np.ndarray, day: np.ndarray, refund: np.ndarray, a: int, b: int) -> bool:
-    """Whether row ``a`` sorts strictly before row ``b`` by (code, day, refund)."""
-    if code[a] != code[b]:
-        return bool(code[a] < code[b])
-    if day[a] != day[b]:
-        return bool(day[a] < day[b])
-    return bool(refund[a] < refund[b])
+def _rank(day: np.ndarray, is_purchase: np.ndarray, i: int) -> np.int64:
+    """Row ``i``'s place within its customer: by day, a day's purchases before its refunds."""
+    return 2 * np.int64(day[i]) + (not is_purchase[i])
 
 
 @njit(cache=True, nogil=True)
-def is_grouped(code: np.ndarray, day: np.ndarray, refund: np.ndarray) -> bool:
-    """Whether the rows come ordered by (code, day, refund)."""
-    # a plain loop: numba compiles no generator expression inside all()
-    for i in range(1, len(code)):  # noqa: SIM110
-        if _before(code, day, refund, i, i - 1):
+def is_grouped(code: np.ndarray, day: np.ndarray, is_purchase: np.ndarray) -> bool:
+    """Whether the rows come ordered by code, then :func:`_rank`."""
+    for i in range(1, len(code)):
+        if code[i] < code[i - 1] or (
+            code[i] == code[i - 1] and _rank(day, is_purchase, i) < _rank(day, is_purchase, i - 1)
+        ):
             return False
     return True
 
@@ -42,7 +39,7 @@ def is_grouped(code: np.ndarray, day: np.ndarray, refund: np.ndarray) -> bool:
 def sort_within(
     code: np.ndarray, day: np.ndarray, amount: np.ndarray, is_purchase: np.ndarray, limit: int
 ) -> bool:
-    """Sort each customer's rows by (day, refund) in place, where the codes ascend.
+    """Sort each customer's rows by :func:`_rank` in place, where the codes ascend.
 
     Rows that come grouped by customer are mostly in order already: a refund listed before
     a purchase of its day puts about one customer in a thousand out of it. Sorting those
@@ -65,7 +62,7 @@ def sort_within(
                 spans[2 * k], spans[2 * k + 1] = start, i
                 k += 1
             start, disordered = i, False
-        elif 2 * day[i] + (not is_purchase[i]) < 2 * day[i - 1] + (not is_purchase[i - 1]):
+        elif _rank(day, is_purchase, i) < _rank(day, is_purchase, i - 1):
             disordered = True
     for s in range(k):
         a, b = spans[2 * s], spans[2 * s + 1]
@@ -146,8 +143,7 @@ def by_code(
         return code[rows], day[rows], amount[rows], is_purchase[rows]
     key = np.empty(m, dtype=np.int64)
     for i in range(m):
-        rank = (np.int64(day[i]) - lo) * 2 + (not is_purchase[i])
-        key[i] = (np.int64(code[i]) << day_bits) | rank
+        key[i] = (np.int64(code[i]) << day_bits) | (_rank(day, is_purchase, i) - 2 * lo)
     spare = np.empty(m, dtype=np.int64)
     amounts = (np.empty(m, dtype=amount.dtype), np.empty(m, dtype=amount.dtype))
     src_key, src_amount, dst_key, turn = key, amount, spare, 0

@@ -185,19 +185,17 @@ def _fifths_within(x: np.ndarray) -> np.ndarray | None:
         while t > 1 and np.floor(5 * ((t - 1) / (n - 1))) >= k:
             t -= 1
         thresholds.append(t)
-    if whole:
-        lo, hi = int(x.min()), int(x.max())
-        if hi - lo <= 4 * n + 1024:
-            # integers in a modest range (days, counts): the order statistics from a
-            # histogram, and each value's bucket from a table over the range (0.03 s
-            # against 0.06 s by partition for 1.5M days)
-            offset = x - lo
-            below_or_at = np.cumsum(np.bincount(offset, minlength=hi - lo + 1))
-            stats = np.searchsorted(below_or_at, thresholds)  # the t-th smallest, less lo
-            table = np.zeros(hi - lo + 1, dtype=np.int32)
-            for at in stats:
-                table[at + 1 :] += 1
-            return table[offset]
+    histogram = _histogram(x) if whole else None
+    if histogram is not None:
+        # integers in a modest range (days, counts): the order statistics from the
+        # histogram, and each value's bucket from a table over the range (0.009 s against
+        # 0.044 s by partition for 1.5M days)
+        offset, counts = histogram
+        stats = np.searchsorted(np.cumsum(counts), thresholds)  # the t-th smallest, less lo
+        table = np.zeros(len(counts), dtype=np.int32)
+        for at in stats:
+            table[at + 1 :] += 1
+        return table[offset]
     ordered = np.partition(x, [t - 1 for t in thresholds])
     bucket = np.zeros(n, dtype=np.int32)
     for t in thresholds:
@@ -205,15 +203,29 @@ def _fifths_within(x: np.ndarray) -> np.ndarray | None:
     return bucket
 
 
+def _histogram(x: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Each value's offset from the least, and the count at each offset.
+
+    For whole numbers (days, counts) spanning at most ``4 * len(x) + 1024`` values, where a
+    histogram replaces a sort; None otherwise.
+    """
+    if not len(x):
+        return None
+    if x.dtype.kind not in "iu" and not (np.all(np.isfinite(x)) and np.all(x == np.round(x))):
+        return None
+    lo, hi = x.min(), x.max()
+    if hi - lo > 4 * len(x) + 1024:
+        return None
+    offset = (x - lo).astype(np.int64, copy=False)
+    return offset, np.bincount(offset, minlength=int(hi - lo) + 1)
+
+
 def _below_within(x: np.ndarray) -> np.ndarray:
     """For each value, how many values of ``x`` are smaller (NaN sorts last, as in SQL)."""
-    if len(x) and np.all(np.isfinite(x)) and np.all(x == np.round(x)):
-        # whole numbers (days, counts) in a modest range: a histogram, no sort
-        lo, hi = x.min(), x.max()
-        if hi - lo <= 4 * len(x) + 1024:
-            idx = (x - lo).astype(np.int64)
-            counts = np.bincount(idx, minlength=int(hi - lo) + 1)
-            return (np.cumsum(counts) - counts)[idx]
+    histogram = _histogram(x)
+    if histogram is not None:
+        offset, counts = histogram
+        return (np.cumsum(counts) - counts)[offset]
     order = np.argsort(x, kind="stable")
     ordered = x[order]
     # the first position of each run of equal values is how many are smaller

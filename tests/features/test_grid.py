@@ -268,7 +268,7 @@ def test_kernel_grouping_is_a_stable_sort_by_customer_day_and_refund(rows):
     day = np.array([d for _, d, _ in rows], dtype=np.int32)
     refund = np.array([r for _, _, r in rows], dtype=bool)
     expected = np.lexsort((refund, day, code))
-    assert kernels.is_grouped(code, day, refund) == bool(
+    assert kernels.is_grouped(code, day, ~refund) == bool(
         np.array_equal(expected, np.arange(len(rows)))
     )
     _assert_grouped(code, day, refund, int(code.max()) + 1 if len(rows) else 0, expected)
@@ -321,7 +321,7 @@ def test_sorting_within_customers_in_place_matches_the_stable_sort(spans):
             np.testing.assert_array_equal(kept, before)
     assert kernels.sort_within(code, day, amount, is_purchase, disordered)
     np.testing.assert_array_equal(amount, expected)
-    assert kernels.is_grouped(code, day, ~is_purchase)
+    assert kernels.is_grouped(code, day, is_purchase)
 
 
 def test_sorting_within_customers_refuses_codes_that_fall():
