@@ -14,7 +14,7 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 - ``read``: DuckDB reads the same columns of both files into memory (Arrow tables): a scan
   that keeps what it reads, as every contender below must;
 - ``rapport``: ``build_features`` on the Parquet paths, one cutoff (the default engine: from
-  5M event rows x cutoffs the grid, where DuckDB reads the rows, compiled kernels aggregate
+  2M event rows x cutoffs the grid, where DuckDB reads the rows, compiled kernels aggregate
   them and the feature SQL derives the features; below it the feature SQL alone);
 - ``rapport_sql``: the same cutoff by the feature SQL alone (``cutoff_batch=1``);
 - ``rapport_shuffled``, ``rapport_sql_shuffled`` and ``pandas_shuffled``: on a copy of the

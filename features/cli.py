@@ -20,6 +20,7 @@ from rich.table import Table
 
 from rapport.features import definitions as defs
 from rapport.features.build import (
+    GRID_MIN_ROW_CUTOFFS,
     build_labels,
     iter_features,
     parse_cutoffs,
@@ -214,8 +215,9 @@ def features_build(
             min=1,
             help="Run the feature SQL alone on this many cutoffs per query. By default "
             "every cutoff comes from one pass over the events (the grid), written in "
-            "batches of about 4M rows; inputs under 5M event rows x cutoffs go to the "
-            "feature SQL alone, in one query.",
+            "batches of about 4M rows; inputs under "
+            f"{GRID_MIN_ROW_CUTOFFS / 1e6:g}M event rows x cutoffs go to the feature SQL "
+            "alone, in one query.",
         ),
     ] = None,
 ) -> None:
