@@ -8,6 +8,7 @@ message naming the column and rows; nothing is written then.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,7 +27,12 @@ from rapport.features.build import (
     parse_cutoffs,
     write_features,
 )
-from rapport.features.contracts import DataValidationError, load_interactions, load_transactions
+from rapport.features.contracts import (
+    DataValidationError,
+    DuplicateRowsWarning,
+    load_interactions,
+    load_transactions,
+)
 from rapport.features.segments import segment_summary
 
 console = Console(stderr=True)
@@ -51,12 +57,24 @@ def step(message: str) -> Iterator[None]:
 
 
 def run_or_exit(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn input errors into a clean message and exit status 2."""
-    try:
-        return fn()
-    except (DataValidationError, ValueError) as err:
-        console.print(f"[red]error:[/] {err}")
-        raise typer.Exit(code=2) from err
+    """Run ``fn``; turn input errors into a clean message and exit status 2.
+
+    Duplicate rows dropped on the way in are reported as one ``warning:`` line each, not as
+    Python's warning text (which names a source line of this module, not the user's file).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DuplicateRowsWarning)
+        try:
+            return fn()
+        except (DataValidationError, ValueError) as err:
+            console.print(f"[red]error:[/] {err}")
+            raise typer.Exit(code=2) from err
+        finally:
+            for w in caught:
+                if issubclass(w.category, DuplicateRowsWarning):
+                    console.print(f"[yellow]warning:[/] {w.message}")
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def _windows(text: str) -> tuple[int, ...]:

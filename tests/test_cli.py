@@ -49,6 +49,22 @@ def test_validation_error_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == [bad]
 
 
+def test_duplicate_rows_are_reported_as_one_warning_line(tmp_path):
+    path = tmp_path / "tx.csv"
+    pd.DataFrame(
+        {"customer_id": [1, 1, 2], "timestamp": ["2024-01-01"] * 3, "amount": [5.0, 5.0, 7.0]}
+    ).to_csv(path, index=False)
+    out = tmp_path / "feats.parquet"
+    result = runner.invoke(
+        app, ["features", "build", "-t", str(path), "--as-of", "2024-02-01", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: transactions: dropped 1 exact duplicate row(s)" in result.output
+    # Python's own warning format would name a source line of the CLI module
+    assert "DuplicateRowsWarning" not in result.output
+    assert pd.read_parquet(out)["n_purchases"].tolist() == [1, 1]
+
+
 def test_interactions_take_their_own_timestamp_format(tmp_path):
     tx = pd.DataFrame(
         {"CustID": [1, 1, 2], "When": ["03/01/2024 10:00", "15/02/2024 09:30", "20/02/2024 18:00"]}
