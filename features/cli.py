@@ -7,6 +7,7 @@ message naming the column and rows; nothing is written then.
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -213,6 +214,34 @@ def load_inputs(
     return tx, ix
 
 
+def check_cutoffs_reach_purchases(tx: pd.DataFrame, cutoffs: list[dt.date]) -> None:
+    """Refuse cutoffs that all fall before the first purchase; warn of those that some do.
+
+    An empty feature set is a valid answer for the API, but on the command line it almost
+    always means a mistyped date or the wrong file, so it is an error (exit 2, nothing written).
+
+    Raises
+    ------
+    ValueError
+        When no purchase (``amount >= 0``) falls on or before the latest cutoff.
+    """
+    purchases = tx.loc[tx["amount"] >= 0, "timestamp"]
+    if purchases.empty:
+        raise ValueError("transactions: no purchase (amount >= 0), only refunds")
+    first = pd.Timestamp(purchases.min()).date()
+    early = [c for c in cutoffs if c < first]
+    if len(early) == len(cutoffs):
+        raise ValueError(
+            f"as_of: every cutoff (latest {cutoffs[-1]}) is before the first purchase in the "
+            f"transactions, on {first}: no customer would have a row"
+        )
+    if early:
+        console.print(
+            f"[yellow]warning:[/] {len(early)} cutoff(s) before the first purchase ({first}) "
+            "have no rows"
+        )
+
+
 @features_app.command("build")
 def features_build(
     transactions: TransactionsOpt,
@@ -251,6 +280,7 @@ def features_build(
         ix_timestamp_format=ix_timestamp_format,
         decimal_comma=decimal_comma,
     )
+    run_or_exit(lambda: check_cutoffs_reach_purchases(tx, cutoffs))
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
     with step(f"Building features at {len(cutoffs)} cutoff(s) into {out}"):
         rows, last = run_or_exit(
@@ -290,6 +320,7 @@ def features_labels(
         timestamp_format=timestamp_format,
         decimal_comma=decimal_comma,
     )
+    run_or_exit(lambda: check_cutoffs_reach_purchases(tx, cutoffs))
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):
         labels = run_or_exit(
             lambda: build_labels(tx, as_of=cutoffs, horizon_days=horizon_days, validate=False)

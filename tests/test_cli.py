@@ -65,6 +65,31 @@ def test_duplicate_rows_are_reported_as_one_warning_line(tmp_path):
     assert pd.read_parquet(out)["n_purchases"].tolist() == [1, 1]
 
 
+@pytest.mark.parametrize("command", ["build", "labels"])
+def test_cutoffs_before_the_first_purchase(tmp_path, command):
+    path = tmp_path / "tx.csv"
+    pd.DataFrame(
+        {
+            "customer_id": [1, 2, 2],
+            "timestamp": ["2024-03-05", "2024-04-01", "2024-12-31"],
+            "amount": [5.0, 7.0, 3.0],
+        }
+    ).to_csv(path, index=False)  # runs to the end of 2024: the labels' horizon is in the data
+    out = tmp_path / "out.parquet"
+    args = ["features", command, "-t", str(path), "-o", str(out), "--as-of"]
+    result = runner.invoke(app, [*args, "2023-12-31,2024-01-31"])
+    assert result.exit_code == 2
+    text = " ".join(result.output.split())  # rich wraps long lines
+    assert "before the first purchase in the transactions, on 2024-03-05" in text
+    assert not out.exists()
+    # one cutoff in reach: built, and the empty ones are named
+    result = runner.invoke(app, [*args, "2024-01-31,2024-03-31"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "1 cutoff(s) before the first purchase (2024-03-05) have no rows" in text
+    assert pd.read_parquet(out)["customer_id"].tolist() == [1]
+
+
 def test_interactions_take_their_own_timestamp_format(tmp_path):
     tx = pd.DataFrame(
         {"CustID": [1, 1, 2], "When": ["03/01/2024 10:00", "15/02/2024 09:30", "20/02/2024 18:00"]}
