@@ -214,7 +214,13 @@ def load_inputs(
     return tx, ix
 
 
-def check_cutoffs_reach_purchases(tx: pd.DataFrame, cutoffs: list[dt.date]) -> None:
+def first_purchase_day(tx: pd.DataFrame) -> dt.date | None:
+    """The day of the first purchase (``amount >= 0``) in a loaded table; None if only refunds."""
+    purchases = tx.loc[tx["amount"] >= 0, "timestamp"]
+    return None if purchases.empty else pd.Timestamp(purchases.min()).date()
+
+
+def check_cutoffs_reach_purchases(first: dt.date | None, cutoffs: list[dt.date]) -> None:
     """Refuse cutoffs that all fall before the first purchase; warn of those that some do.
 
     An empty feature set is a valid answer for the API, but on the command line it almost
@@ -223,17 +229,20 @@ def check_cutoffs_reach_purchases(tx: pd.DataFrame, cutoffs: list[dt.date]) -> N
     Raises
     ------
     ValueError
-        When no purchase (``amount >= 0``) falls on or before the latest cutoff.
+        When no purchase falls on or before the latest cutoff.
     """
-    purchases = tx.loc[tx["amount"] >= 0, "timestamp"]
-    if purchases.empty:
+    if first is None:
         raise ValueError("transactions: no purchase (amount >= 0), only refunds")
-    first = pd.Timestamp(purchases.min()).date()
     early = [c for c in cutoffs if c < first]
     if len(early) == len(cutoffs):
+        which = (
+            f"as_of {cutoffs[0]} is"
+            if len(cutoffs) == 1
+            else f"as_of: every cutoff (latest {cutoffs[-1]}) is"
+        )
         raise ValueError(
-            f"as_of: every cutoff (latest {cutoffs[-1]}) is before the first purchase in the "
-            f"transactions, on {first}: no customer would have a row"
+            f"{which} before the first purchase in the transactions, on {first}: "
+            "no customer would have a row"
         )
     if early:
         console.print(
@@ -280,7 +289,7 @@ def features_build(
         ix_timestamp_format=ix_timestamp_format,
         decimal_comma=decimal_comma,
     )
-    run_or_exit(lambda: check_cutoffs_reach_purchases(tx, cutoffs))
+    run_or_exit(lambda: check_cutoffs_reach_purchases(first_purchase_day(tx), cutoffs))
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
     with step(f"Building features at {len(cutoffs)} cutoff(s) into {out}"):
         rows, last = run_or_exit(
@@ -320,7 +329,7 @@ def features_labels(
         timestamp_format=timestamp_format,
         decimal_comma=decimal_comma,
     )
-    run_or_exit(lambda: check_cutoffs_reach_purchases(tx, cutoffs))
+    run_or_exit(lambda: check_cutoffs_reach_purchases(first_purchase_day(tx), cutoffs))
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):
         labels = run_or_exit(
             lambda: build_labels(tx, as_of=cutoffs, horizon_days=horizon_days, validate=False)

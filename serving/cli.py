@@ -23,9 +23,11 @@ from rapport.features.cli import (
     IxColumnsOpt,
     IxFormatOpt,
     TxColumnsOpt,
+    check_cutoffs_reach_purchases,
     console,
     data_app,
     features_app,
+    first_purchase_day,
     load_inputs,
     print_feature_summary,
     run_or_exit,
@@ -379,7 +381,8 @@ def score(
     ix: Path | pd.DataFrame | None
     if in_contract:
         tx, ix = transactions, interactions
-        cutoff = given_day or _last_day(transactions)
+        first, last = _first_and_last_day(transactions)
+        cutoff = given_day or last or dt.date.today()
     else:
         tx_frame, ix = load_inputs(
             transactions,
@@ -391,7 +394,9 @@ def score(
             decimal_comma=decimal_comma,
         )
         tx = tx_frame
+        first = first_purchase_day(tx_frame)
         cutoff = given_day or pd.Timestamp(tx_frame["timestamp"].max()).date()
+    run_or_exit(lambda: check_cutoffs_reach_purchases(first, [cutoff]))
     out = out or settings.home / "scores.parquet"
     chunks = score_chunks(
         tx,
@@ -434,13 +439,23 @@ def _parse_day(text: str) -> dt.date:
         raise typer.BadParameter(f"--as-of must be YYYY-MM-DD, not {text!r}") from err
 
 
-def _last_day(transactions: Path) -> dt.date:
-    """The last transaction day of a Parquet file in the contract (naive UTC times)."""
+def _first_and_last_day(transactions: Path) -> tuple[dt.date | None, dt.date | None]:
+    """The first purchase day and last transaction day of a contract Parquet file, or None.
+
+    Times in the contract are naive UTC, so their dates are UTC days.
+    """
     import duckdb
 
     path = str(transactions).replace("'", "''")
-    row = duckdb.sql(f"SELECT max(timestamp) FROM read_parquet('{path}')").fetchone()
-    return pd.Timestamp(row[0]).date() if row and row[0] is not None else dt.date.today()
+    row = duckdb.sql(
+        "SELECT min(timestamp) FILTER (WHERE amount >= 0), max(timestamp) "
+        f"FROM read_parquet('{path}')"
+    ).fetchone()
+    first, last = row if row else (None, None)
+    return (
+        None if first is None else pd.Timestamp(first).date(),
+        None if last is None else pd.Timestamp(last).date(),
+    )
 
 
 def main() -> None:

@@ -99,6 +99,16 @@ def test_score_command(served, tmp_path, monkeypatch):
     assert scores["churn_probability"].between(0, 1).all()
     bad = CliRunner().invoke(app, ["score", "--as-of", "31/12/2024", "--out", str(out)])
     assert bad.exit_code == 2 and "YYYY-MM-DD" in bad.output
+    # a cutoff before every purchase names the first one, instead of writing no batches
+    tx = pd.read_parquet(served.transactions)
+    first = tx.loc[tx["amount"] >= 0, "timestamp"].min().date()
+    early = tmp_path / "early.parquet"
+    before = CliRunner().invoke(app, ["score", "--as-of", "1990-01-01", "--out", str(early)])
+    assert before.exit_code == 2, before.output
+    assert f"before the first purchase in the transactions, on {first}" in " ".join(
+        before.output.split()
+    )
+    assert not early.exists()
 
     # models chosen on the command line (a CDNOW model is not named rapport-churn)
     other = tmp_path / "challenger.parquet"
