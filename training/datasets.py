@@ -40,14 +40,19 @@ def latest_complete_cutoff(last_event_day: dt.date, horizon_days: int) -> dt.dat
 
 
 def resolve_cutoffs(
-    config: CutoffConfig, *, horizon_days: int, last_event_day: dt.date
+    config: CutoffConfig,
+    *,
+    horizon_days: int,
+    last_event_day: dt.date,
+    first_event_day: dt.date | None = None,
 ) -> list[dt.date]:
-    """The cutoff dates a config asks for, checked against the data's last day.
+    """The cutoff dates a config asks for, checked against the data's first and last days.
 
     Raises
     ------
     ValueError
-        If a cutoff's horizon runs past ``last_event_day`` (its labels would be censored).
+        If a cutoff's horizon runs past ``last_event_day`` (its labels would be censored), or
+        if the last cutoff is before ``first_event_day`` (no customer would have a row).
     """
     if config.dates is not None:
         cutoffs = list(config.dates)
@@ -65,6 +70,12 @@ def resolve_cutoffs(
         raise ValueError(
             f"cutoffs: the last cutoff {latest} plus the {horizon_days}-day horizon runs past the "
             f"last transaction day {last_event_day}; its labels would be censored"
+        )
+    if first_event_day is not None and latest < first_event_day:
+        raise ValueError(
+            f"cutoffs: the last cutoff {latest} is before the first transaction, on "
+            f"{first_event_day}: the data ({first_event_day} to {last_event_day}) are too short "
+            f"for a {horizon_days}-day horizon after it; shorten the horizon or add history"
         )
     return cutoffs
 
@@ -125,7 +136,14 @@ class TrainingSplit:
             test = frame[at_test & (draw < self.test_fraction)]
         for role, part in (("train", train), ("valid", valid), ("test", test)):
             if part.empty:
-                raise ValueError(f"the {role} rows are empty ({self.describe()})")
+                hint = (
+                    "no customer had bought by that cutoff; with a short history, split by "
+                    "customers, or use fewer cutoffs or a shorter horizon"
+                    if self.by == "time"
+                    else "too few customers for the held-out fractions, or none had bought by "
+                    "the training cutoffs"
+                )
+                raise ValueError(f"the {role} rows are empty ({self.describe()}): {hint}")
         return train, valid, test
 
 

@@ -324,9 +324,11 @@ def prepare_training_set(
     settings = settings or TrainingSettings()
     tx = load_transactions(transactions)
     ix = load_interactions(interactions) if interactions is not None else None
-    last_day = pd.Timestamp(tx["timestamp"].max()).date()
     cutoffs = resolve_cutoffs(
-        config.cutoffs, horizon_days=config.horizon_days, last_event_day=last_day
+        config.cutoffs,
+        horizon_days=config.horizon_days,
+        last_event_day=pd.Timestamp(tx["timestamp"].max()).date(),
+        first_event_day=pd.Timestamp(tx["timestamp"].min()).date(),
     )
     split = split_rows(cutoffs, config.horizon_days, config.split)
     used = sorted({*split.train, split.valid, split.test})

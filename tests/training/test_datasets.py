@@ -47,6 +47,34 @@ def test_resolve_refuses_a_censored_horizon() -> None:
         )
 
 
+def test_resolve_refuses_cutoffs_before_the_data() -> None:
+    # three months of data and a 90-day horizon: the last cutoff with a whole horizon is
+    # before the first transaction, so no customer could have a row
+    with pytest.raises(
+        ValueError, match=r"2023-12-31 is before the first transaction, on 2024-01-05"
+    ):
+        resolve_cutoffs(
+            CutoffConfig(count=3),
+            horizon_days=90,
+            last_event_day=D(2024, 4, 1),
+            first_event_day=D(2024, 1, 5),
+        )
+    assert resolve_cutoffs(
+        CutoffConfig(count=1), horizon_days=30, last_event_day=D(2024, 4, 1),
+        first_event_day=D(2024, 1, 5),
+    ) == [D(2024, 2, 29)]  # fmt: skip
+
+
+def test_empty_parts_say_what_to_change() -> None:
+    split = split_cutoffs([D(2025, m, 28) for m in range(1, 8)], horizon_days=60)
+    # customers who all started after the training cutoffs
+    frame = pd.DataFrame(
+        {"customer_id": [1, 2], "as_of": pd.to_datetime([split.valid, split.test])}
+    )
+    with pytest.raises(ValueError, match=r"train rows are empty .*split by customers"):
+        split.parts(frame)
+
+
 def test_split_keeps_the_test_horizon_out_of_training() -> None:
     cutoffs = [D(2025, m, 28) for m in range(1, 11)]
     split = split_cutoffs(cutoffs, horizon_days=90)
