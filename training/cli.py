@@ -188,6 +188,17 @@ def train_command(
     """Train, evaluate out of time, track in MLflow, register, and gate the champion."""
     settings = TrainingSettings()
     quiet_mlflow()
+    overrides = {
+        "horizon_days": horizon_days,
+        "cutoffs.last": last_cutoff,
+        "cutoffs.count": cutoffs,
+        "split.by": split.value if split is not None else None,
+        "seed": seed,
+        "tuning.trials": tune_trials,
+    }
+    tasks: list[Task] = ["churn", "clv"] if task is TaskChoice.all else [_task(task.value)]
+    # configs first: a typo in one fails at once, not after the data are loaded
+    configs = [run_or_exit(partial(_config_for, t, config, overrides)) for t in tasks]
     tx_path, ix_path = _data(transactions, interactions, settings)
     # loaded once here (with the column maps and formats) for every task trained
     tx, ix = load_inputs(
@@ -199,16 +210,6 @@ def train_command(
         ix_timestamp_format=ix_timestamp_format,
         decimal_comma=decimal_comma,
     )
-    overrides = {
-        "horizon_days": horizon_days,
-        "cutoffs.last": last_cutoff,
-        "cutoffs.count": cutoffs,
-        "split.by": split.value if split is not None else None,
-        "seed": seed,
-        "tuning.trials": tune_trials,
-    }
-    tasks: list[Task] = ["churn", "clv"] if task is TaskChoice.all else [_task(task.value)]
-    configs = [run_or_exit(partial(_config_for, t, config, overrides)) for t in tasks]
     console.print(f"MLflow store: {settings.tracking_uri}")
     for cfg in configs:
         result: TrainingResult = run_or_exit(

@@ -8,6 +8,8 @@ same shape. A few fields can be overridden from the command line
 from __future__ import annotations
 
 import datetime as dt
+import difflib
+import functools
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -123,6 +125,23 @@ class GateConfig(_Frozen):
         return GATE_METRICS[self.metric]
 
 
+@functools.cache
+def lightgbm_parameter_names() -> dict[str, frozenset[str]]:
+    """Every parameter the installed LightGBM booster knows, with its aliases.
+
+    Read from LightGBM's own table (``LGBM_DumpParamAliases``, through a private helper of its
+    Python package); empty if that helper is gone, which turns the check off rather than
+    refusing valid configs.
+    """
+    try:
+        from lightgbm.basic import _ConfigAliases
+
+        aliases: dict[str, set[str]] = _ConfigAliases._get_all_param_aliases()
+    except (ImportError, AttributeError):  # pragma: no cover - a future LightGBM
+        return {}
+    return {name: frozenset(names) for name, names in aliases.items()}
+
+
 class LightGBMConfig(_Frozen):
     """LightGBM parameters (anything in ``params`` goes to the booster as is)."""
 
@@ -132,6 +151,23 @@ class LightGBMConfig(_Frozen):
     #: by 1e-5 a round for thousands of rounds, which buys nothing and costs minutes.
     early_stopping_min_delta: float = Field(default=1e-4, ge=0.0)
     params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _known_params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        # the booster only warns of an unknown name (silenced at verbosity -1), so a typo such
+        # as num_leafs would train with the default and nobody would know
+        known = lightgbm_parameter_names()
+        aliases = set(known).union(*known.values())
+        for name in value:
+            if known and name not in aliases:
+                # canonical names first: num_leafs should point at num_leaves, not num_leaf
+                close = difflib.get_close_matches(name, sorted(known), n=1) or (
+                    difflib.get_close_matches(name, sorted(aliases), n=1)
+                )
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ValueError(f"unknown LightGBM parameter {name!r}{hint}")
+        return value
 
 
 class TuningConfig(_Frozen):

@@ -64,6 +64,11 @@ def test_config_is_frozen() -> None:
             "split",
         ),
         ("task: [unclosed\n", "not valid YAML"),
+        (
+            "task: churn\nregistered_name: x\nhorizon_days: 9\ngate: {metric: roc_auc}\n"
+            "lightgbm: {params: {num_leafs: 7}}\n",
+            "lightgbm.params: Value error, unknown LightGBM parameter 'num_leafs'",
+        ),
     ],
 )
 def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, needle: str) -> None:
@@ -72,6 +77,20 @@ def test_bad_config_names_the_field(tmp_path: Path, yaml_text: str, needle: str)
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")) as info:
         load_config(path)
     assert str(path) in str(info.value)
+
+
+def test_lightgbm_parameters_and_their_aliases_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(
+        "task: clv\nregistered_name: x\nhorizon_days: 9\ngate: {metric: gini}\n"
+        "lightgbm: {params: {num_leaves: 7, min_child_samples: 20, reg_lambda: 1.0,\n"
+        "  tweedie_variance_power: 1.3, objective: tweedie}}\n"
+    )
+    assert load_config(path).lightgbm.params["min_child_samples"] == 20
+    # a typo is refused with the canonical name to use, not one of its aliases (num_leaf)
+    path.write_text(path.read_text().replace("num_leaves", "num_leafs"))
+    with pytest.raises(ConfigError, match=r"did you mean 'num_leaves'\?"):
+        load_config(path)
 
 
 def test_one_cutoff_is_enough_when_customers_are_held_out(tmp_path: Path) -> None:
