@@ -136,7 +136,7 @@ def lightgbm_parameter_names() -> dict[str, frozenset[str]]:
     try:
         from lightgbm.basic import _ConfigAliases
 
-        aliases: dict[str, set[str]] = _ConfigAliases._get_all_param_aliases()
+        aliases: dict[str, list[str]] = _ConfigAliases._get_all_param_aliases()
     except (ImportError, AttributeError):  # pragma: no cover - a future LightGBM
         return {}
     return {name: frozenset(names) for name, names in aliases.items()}
