@@ -14,6 +14,7 @@ from typing import Any
 import lightgbm as lgb
 import numpy as np
 import pandas as pd
+from scipy.special import expit
 from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
@@ -260,6 +261,10 @@ def _train_booster(
     )
 
 
+#: Weight of the raw score in an isotonic calibration's output (see :class:`_Calibrator`).
+_TIE_BREAK = 1e-9
+
+
 class _Calibrator:
     """Maps raw churn scores to calibrated probabilities (isotonic, Platt or identity)."""
 
@@ -279,10 +284,16 @@ class _Calibrator:
             # IsotonicRegression.predict with out_of_bounds="clip" is this interpolation;
             # calling it directly saves its input checks (most of the time for one row).
             m = self.model_
-            return np.interp(np.asarray(raw, dtype="float64"), m.X_thresholds_, m.y_thresholds_)
+            raw = np.asarray(raw, dtype="float64")
+            steps = np.interp(raw, m.X_thresholds_, m.y_thresholds_)
+            # The isotonic map is a step function: on CDNOW it gave 41 distinct values to
+            # 2,357 customers, and the ties it makes cost 0.002 of ROC-AUC. A billionth of
+            # the raw score's own probability breaks them in the raw order; a convex mix
+            # keeps [0, 1], and no probability moves by more than 1e-9.
+            return (1.0 - _TIE_BREAK) * steps + _TIE_BREAK * expit(raw)
         if isinstance(self.model_, LogisticRegression):
             return np.asarray(self.model_.predict_proba(raw.reshape(-1, 1))[:, 1])
-        return 1.0 / (1.0 + np.exp(-raw))
+        return np.asarray(expit(raw))
 
 
 class _BaseModel:

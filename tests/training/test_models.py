@@ -5,6 +5,7 @@ from collections.abc import Callable
 import numpy as np
 import pandas as pd
 import pytest
+from sklearn.isotonic import IsotonicRegression
 
 from rapport.training.config import ModelConfig
 from rapport.training.models import (
@@ -13,6 +14,7 @@ from rapport.training.models import (
     LogisticBaseline,
     Preprocessor,
     ValueModel,
+    _Calibrator,
     input_columns,
     score_frame,
 )
@@ -38,6 +40,24 @@ def test_churn_model_predicts_calibrated_probabilities(
     # And it ranks: churners get a higher mean risk than buyers.
     y = test["churned_90d"].to_numpy()
     assert p[y].mean() > p[~y].mean() + 0.1
+
+
+def test_isotonic_calibration_keeps_the_raw_order() -> None:
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=2_000)
+    y = rng.random(2_000) < 1 / (1 + np.exp(-2 * raw))
+    calibrator = _Calibrator("isotonic").fit(raw, y)
+    p = calibrator.transform(raw)
+    iso = calibrator.model_
+    assert isinstance(iso, IsotonicRegression)
+    steps = iso.predict(raw)
+    assert len(np.unique(steps)) < 100  # the step function ties most rows
+    # ties broken in the raw order, and no probability moved by more than a billionth
+    assert len(np.unique(p)) == len(np.unique(raw))
+    order = np.argsort(raw)
+    assert np.all(np.diff(p[order]) > 0)
+    assert np.max(np.abs(p - steps)) <= 1e-9
+    assert np.all((p >= 0) & (p <= 1))
 
 
 def test_more_days_since_last_purchase_never_lowers_churn_risk(
