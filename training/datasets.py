@@ -72,6 +72,11 @@ def resolve_cutoffs(
             f"last transaction day {last_event_day}; its labels would be censored"
         )
     if first_event_day is not None and latest < first_event_day:
+        if config.dates is not None:
+            raise ValueError(
+                f"cutoffs.dates: the last cutoff {latest} is before the first transaction, on "
+                f"{first_event_day}: no customer would have a row"
+            )
         raise ValueError(
             f"cutoffs: the last cutoff {latest} is before the first transaction, on "
             f"{first_event_day}: the data ({first_event_day} to {last_event_day}) are too short "

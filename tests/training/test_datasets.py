@@ -63,6 +63,12 @@ def test_resolve_refuses_cutoffs_before_the_data() -> None:
         CutoffConfig(count=1), horizon_days=30, last_event_day=D(2024, 4, 1),
         first_event_day=D(2024, 1, 5),
     ) == [D(2024, 2, 29)]  # fmt: skip
+    # dates given by hand: the dates are what to change, not the horizon
+    with pytest.raises(ValueError, match=r"cutoffs\.dates: the last cutoff 2023-12-31 is before"):
+        resolve_cutoffs(
+            CutoffConfig(dates=(D(2023, 12, 31),)), horizon_days=30,
+            last_event_day=D(2024, 4, 1), first_event_day=D(2024, 1, 5),
+        )  # fmt: skip
 
 
 def test_empty_parts_say_what_to_change() -> None:
