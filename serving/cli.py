@@ -27,14 +27,13 @@ from rapport.features.cli import (
     console,
     data_app,
     features_app,
-    first_purchase_day,
-    load_inputs,
+    open_inputs,
     print_feature_summary,
     run_or_exit,
     step,
     write_parquet_atomic,
 )
-from rapport.features.contracts import is_contract_parquet, load_interactions, load_transactions
+from rapport.features.contracts import load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
 from rapport.serving.scoring import Scorer
 from rapport.serving.settings import ServingSettings
@@ -369,38 +368,23 @@ def score(
             raise typer.Exit(code=2)
     scorer = _load_scorer(settings)
     given_day = _parse_day(as_of) if as_of else None
-    customised = any((tx_columns, ix_columns, timestamp_format, ix_timestamp_format, decimal_comma))
     # Parquet that Rapport wrote in the contract (the demo, `rapport data synth`) is scanned
     # by DuckDB as it is; anything else is loaded and validated first, as training does
-    in_contract = (
-        not customised
-        and is_contract_parquet(transactions, "transactions")
-        and (interactions is None or is_contract_parquet(interactions, "interactions"))
+    inputs = open_inputs(
+        transactions,
+        interactions,
+        tx_columns=tx_columns,
+        ix_columns=ix_columns,
+        timestamp_format=timestamp_format,
+        ix_timestamp_format=ix_timestamp_format,
+        decimal_comma=decimal_comma,
     )
-    tx: Path | pd.DataFrame
-    ix: Path | pd.DataFrame | None
-    if in_contract:
-        tx, ix = transactions, interactions
-        first, last = _first_and_last_day(transactions)
-        cutoff = given_day or last or dt.date.today()
-    else:
-        tx_frame, ix = load_inputs(
-            transactions,
-            interactions,
-            tx_columns=tx_columns,
-            ix_columns=ix_columns,
-            timestamp_format=timestamp_format,
-            ix_timestamp_format=ix_timestamp_format,
-            decimal_comma=decimal_comma,
-        )
-        tx = tx_frame
-        first = first_purchase_day(tx_frame)
-        cutoff = given_day or pd.Timestamp(tx_frame["timestamp"].max()).date()
-    run_or_exit(lambda: check_cutoffs_reach_purchases(first, [cutoff]))
+    cutoff = given_day or inputs.last_day or dt.date.today()
+    run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, [cutoff]))
     out = out or settings.home / "scores.parquet"
     chunks = score_chunks(
-        tx,
-        ix,
+        inputs.transactions,
+        inputs.interactions,
         as_of=cutoff,
         scorer=scorer,
         chunk_rows=chunk_rows,
@@ -437,25 +421,6 @@ def _parse_day(text: str) -> dt.date:
         return dt.date.fromisoformat(text)
     except ValueError as err:
         raise typer.BadParameter(f"--as-of must be YYYY-MM-DD, not {text!r}") from err
-
-
-def _first_and_last_day(transactions: Path) -> tuple[dt.date | None, dt.date | None]:
-    """The first purchase day and last transaction day of a contract Parquet file, or None.
-
-    Times in the contract are naive UTC, so their dates are UTC days.
-    """
-    import duckdb
-
-    path = str(transactions).replace("'", "''")
-    row = duckdb.sql(
-        "SELECT min(timestamp) FILTER (WHERE amount >= 0), max(timestamp) "
-        f"FROM read_parquet('{path}')"
-    ).fetchone()
-    first, last = row if row else (None, None)
-    return (
-        None if first is None else pd.Timestamp(first).date(),
-        None if last is None else pd.Timestamp(last).date(),
-    )
 
 
 def main() -> None:

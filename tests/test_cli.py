@@ -90,6 +90,33 @@ def test_cutoffs_before_the_first_purchase(tmp_path, command):
     assert pd.read_parquet(out)["customer_id"].tolist() == [1]
 
 
+def test_contract_parquet_is_read_as_it_is(tmp_path):
+    world = tmp_path / "world"
+    made = runner.invoke(app, ["data", "synth", "-o", str(world), "--transactions", "3000"])
+    assert made.exit_code == 0, made.output
+    # the same rows without Rapport's contract mark: loaded and validated first
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("transactions", "interactions"):
+        pd.read_parquet(world / f"{name}.parquet").to_parquet(plain / f"{name}.parquet")
+    outputs = {}
+    for folder in (world, plain):
+        out = tmp_path / f"{folder.name}.parquet"
+        result = runner.invoke(
+            app,
+            ["features", "build", "-t", str(folder / "transactions.parquet"),
+             "-i", str(folder / "interactions.parquet"), "--as-of", "2025-06-30",
+             "-o", str(out)],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+        text = " ".join(result.output.split())
+        assert ("read as it is" in text) == (folder == world)
+        assert ("Loading transactions" in text) == (folder == plain)
+        outputs[folder.name] = pd.read_parquet(out).sort_values("customer_id", ignore_index=True)
+    assert len(outputs["world"]) > 100
+    pd.testing.assert_frame_equal(outputs["world"], outputs["plain"])
+
+
 def test_interactions_take_their_own_timestamp_format(tmp_path):
     tx = pd.DataFrame(
         {"CustID": [1, 1, 2], "When": ["03/01/2024 10:00", "15/02/2024 09:30", "20/02/2024 18:00"]}
