@@ -59,6 +59,37 @@ def step(message: str) -> Iterator[None]:
     console.print(f"[green]✓[/] {message} ({time.perf_counter() - start:.1f} s)")
 
 
+@contextmanager
+def progress_bar(message: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+    """A bar for one long step (counts without a total); yields the function that advances it.
+
+    The bar is transient: when the step ends it gives way to the same ``✓`` line as
+    :func:`step`, with how long the step took.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    start = time.perf_counter()
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(message, total=total)
+        yield lambda n: bar.advance(task, n)
+    console.print(f"[green]✓[/] {message} ({time.perf_counter() - start:.1f} s)")
+
+
+def _counting_cutoffs(
+    frames: Iterator[pd.DataFrame], advance: Callable[[int], None]
+) -> Iterator[pd.DataFrame]:
+    """Pass feature batches on, advancing a bar by the cutoffs each one holds."""
+    for frame in frames:
+        advance(frame["as_of"].nunique())
+        yield frame
+
+
 def run_or_exit(fn: Callable[[], T]) -> T:
     """Run ``fn``; turn input errors into a clean message and exit status 2.
 
@@ -361,16 +392,21 @@ def features_build(
     )
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
-    with step(f"Building features at {len(cutoffs)} cutoff(s) into {out}"):
+    with progress_bar(
+        f"Building features at {len(cutoffs)} cutoff(s) into {out}", len(cutoffs)
+    ) as advance:
         rows, last = run_or_exit(
             lambda: write_features(
-                iter_features(
-                    inputs.transactions,
-                    inputs.interactions,
-                    as_of=cutoffs,
-                    windows=window_days,
-                    validate=False,
-                    cutoff_batch=cutoff_batch,
+                _counting_cutoffs(
+                    iter_features(
+                        inputs.transactions,
+                        inputs.interactions,
+                        as_of=cutoffs,
+                        windows=window_days,
+                        validate=False,
+                        cutoff_batch=cutoff_batch,
+                    ),
+                    advance,
                 ),
                 out,
             )

@@ -29,6 +29,7 @@ from rapport.features.cli import (
     features_app,
     open_inputs,
     print_feature_summary,
+    progress_bar,
     run_or_exit,
     step,
     write_parquet_atomic,
@@ -354,8 +355,6 @@ def score(
     decimal_comma: DecimalCommaOpt = False,
 ) -> None:
     """Score every customer with the champion models as of a date, in chunks, to Parquet."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
     from rapport.serving.batch import score_batch, score_chunks
 
     settings = _settings(churn_model=churn_model, clv_model=clv_model, model_alias=alias)
@@ -392,22 +391,9 @@ def score(
         duckdb_threads=settings.duckdb_threads,
         duckdb_memory_limit=settings.duckdb_memory_limit,
     )
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(f"Scoring customers as of {cutoff}", total=None)
+    with progress_bar(f"Scoring customers as of {cutoff}") as advance:
         result = run_or_exit(
-            lambda: score_batch(
-                chunks,
-                out,
-                database_url=db_url,
-                table=table,
-                progress=lambda n: bar.advance(task, n),
-            )
+            lambda: score_batch(chunks, out, database_url=db_url, table=table, progress=advance)
         )
     where = f" and table {result.table}" if result.table else ""
     console.print(
