@@ -30,6 +30,7 @@ from rapport.training.models import (
     ValueModel,
     input_columns,
 )
+from rapport.training.tracking import point_mlflow_at
 
 #: Columns of the BTYD summary: never null (BG/NBD needs them for every customer).
 BTYD_INPUTS = ("frequency", "recency", "T", "monetary_value")
@@ -66,7 +67,10 @@ class LoadedModel:
 def resolve_alias(name: str, alias: str, *, tracking_uri: str) -> ModelVersion:
     """The registry version of ``name`` that ``alias`` points at (``source``: its URI).
 
-    Also points MLflow at ``tracking_uri``, so the URI can be loaded or downloaded next.
+    Also points MLflow's tracking and registry at ``tracking_uri``, so the ``models:/`` URI
+    can be loaded or downloaded next: ``models:/`` resolves through the registry URI, and a
+    process that trained against another store earlier (a notebook, the demo) would
+    otherwise load that store's version of the same number.
 
     Raises
     ------
@@ -81,7 +85,7 @@ def resolve_alias(name: str, alias: str, *, tracking_uri: str) -> ModelVersion:
             f"no version of registered model {name!r} has the alias {alias!r} in "
             f"{tracking_uri} (train one first: `rapport train`)"
         ) from err
-    mlflow.set_tracking_uri(tracking_uri)
+    point_mlflow_at(tracking_uri)
     return ModelVersion(
         name=name,
         version=str(mv.version),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,9 +41,26 @@ def configure(settings: TrainingSettings | None = None) -> str:
     if not settings.mlflow_tracking_uri:
         Path(settings.home).mkdir(parents=True, exist_ok=True)
     uri = settings.tracking_uri
+    point_mlflow_at(uri)
+    return uri
+
+
+def point_mlflow_at(uri: str) -> None:
+    """Point MLflow's tracking and registry at ``uri``, and leave the environment as it was.
+
+    MLflow 3 copies a tracking URI it is given into ``MLFLOW_TRACKING_URI`` (and a registry
+    URI into ``MLFLOW_REGISTRY_URI``) for subprocesses to inherit. Rapport's settings read
+    that variable as the user's choice of server, so a second store in the same process (a
+    notebook's, another ``RAPPORT_HOME``) would silently have resolved to the first one.
+    """
+    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    return uri
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def ensure_experiment(name: str, settings: TrainingSettings | None = None) -> str:

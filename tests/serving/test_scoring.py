@@ -5,8 +5,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rapport.serving.scoring import CompiledModel, Scorer
-from rapport.training.models import FeatureSchemaError, next_purchase_date
+from rapport.serving.scoring import CompiledModel, Scorer, load_registered
+from rapport.training.models import ChurnModel, FeatureSchemaError, next_purchase_date
 
 
 def _pyfunc_predictions(served, name: str) -> pd.DataFrame:
@@ -66,3 +66,19 @@ def test_compiled_model_matches_pandas_path_on_unseen_categories(served, state):
 def test_missing_feature_columns_are_named(served, state):
     with pytest.raises(FeatureSchemaError, match="recency_days"):
         state.scorer.columns_from_frame(served.snapshot.drop(columns="recency_days"))
+
+
+def test_loading_ignores_a_registry_set_earlier_in_the_process(served, tmp_path, monkeypatch):
+    # a notebook (or the demo) that worked against another store leaves MLflow's registry
+    # pointed there, and `models:/` URIs resolve through the registry
+    uri = served.settings().tracking_uri
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, "unset at teardown")  # MLflow writes both
+        monkeypatch.delenv(name)
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    mlflow.set_tracking_uri(other)
+    mlflow.set_registry_uri(other)
+    loaded = load_registered("rapport-churn", "champion", tracking_uri=uri)
+    assert isinstance(loaded.model, ChurnModel)
+    assert loaded.version.version == "1"
+    assert mlflow.get_registry_uri() == uri
