@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, TypedDict, TypeVar, Unpack
 
 import pandas as pd
 import typer
@@ -262,41 +262,36 @@ class Inputs:
     last_day: dt.date | None
 
 
+class ReadOptions(TypedDict, total=False):
+    """How to read a user's files: the keyword options of :func:`load_inputs`."""
+
+    tx_columns: str
+    ix_columns: str
+    timestamp_format: str | None
+    ix_timestamp_format: str | None
+    decimal_comma: bool
+
+
 def open_inputs(
-    transactions: Path,
-    interactions: Path | None,
-    *,
-    tx_columns: str = "",
-    ix_columns: str = "",
-    timestamp_format: str | None = None,
-    ix_timestamp_format: str | None = None,
-    decimal_comma: bool = False,
+    transactions: Path, interactions: Path | None, **options: Unpack[ReadOptions]
 ) -> Inputs:
     """Pass Parquet that Rapport wrote in the contract on as paths; load and validate the rest.
 
     Files marked as in the contract (the demo, ``rapport data synth``) hold unique, naive UTC,
     lower-case rows already, so DuckDB scans them as they are: at 10M transactions loading
     them into pandas took 4 s against the 2 s the features take. Any other file, or any
-    option that changes how a file is read, goes through :func:`load_inputs`.
+    option that changes how a file is read (``options``, as :func:`load_inputs` takes them),
+    goes through :func:`load_inputs`.
     """
-    customised = any((tx_columns, ix_columns, timestamp_format, ix_timestamp_format, decimal_comma))
     if (
-        not customised
+        not any(options.values())
         and is_contract_parquet(transactions, "transactions")
         and (interactions is None or is_contract_parquet(interactions, "interactions"))
     ):
         names = " and ".join(str(p) for p in (transactions, interactions) if p is not None)
         console.print(f"[green]✓[/] {names}: Parquet in Rapport's contract, read as it is")
         return Inputs(transactions, interactions, *_days_of_parquet(transactions))
-    tx, ix = load_inputs(
-        transactions,
-        interactions,
-        tx_columns=tx_columns,
-        ix_columns=ix_columns,
-        timestamp_format=timestamp_format,
-        ix_timestamp_format=ix_timestamp_format,
-        decimal_comma=decimal_comma,
-    )
+    tx, ix = load_inputs(transactions, interactions, **options)
     purchases = tx.loc[tx["amount"] >= 0, "timestamp"]
     first = None if purchases.empty else pd.Timestamp(purchases.min()).date()
     return Inputs(tx, ix, first, pd.Timestamp(tx["timestamp"].max()).date())
