@@ -25,6 +25,15 @@ def _rank(day: np.ndarray, is_purchase: np.ndarray, i: int) -> np.int64:
 
 
 @njit(cache=True, nogil=True)
+def _ranks(day: np.ndarray, is_purchase: np.ndarray) -> np.ndarray:
+    """:func:`_rank` of every row."""
+    out = np.empty(len(day), dtype=np.int64)
+    for i in range(len(day)):
+        out[i] = _rank(day, is_purchase, i)
+    return out
+
+
+@njit(cache=True, nogil=True)
 def is_grouped(code: np.ndarray, day: np.ndarray, is_purchase: np.ndarray) -> bool:
     """Whether the rows come ordered by code, then :func:`_rank`."""
     for i in range(1, len(code)):
@@ -66,8 +75,7 @@ def sort_within(
             disordered = True
     for s in range(k):
         a, b = spans[2 * s], spans[2 * s + 1]
-        key = day[a:b].astype(np.int64) * 2 + ~is_purchase[a:b]
-        by_key = np.argsort(key, kind="mergesort")  # stable, as by_code
+        by_key = np.argsort(_ranks(day[a:b], is_purchase[a:b]), kind="mergesort")  # stable
         day[a:b] = day[a:b][by_key]
         amount[a:b] = amount[a:b][by_key]
         is_purchase[a:b] = is_purchase[a:b][by_key]
@@ -138,7 +146,7 @@ def by_code(
     code_bits = _bit_length(n - 1)
     if day_bits + code_bits > 63:
         # more customers than a key holds beside the days: two stable sorts
-        by_day = np.argsort((day.astype(np.int64) - lo) * 2 + ~is_purchase, kind="mergesort")
+        by_day = np.argsort(_ranks(day, is_purchase), kind="mergesort")
         rows = by_day[np.argsort(code[by_day], kind="mergesort")]
         return code[rows], day[rows], amount[rows], is_purchase[rows]
     key = np.empty(m, dtype=np.int64)
@@ -348,10 +356,9 @@ def transaction_kernel(
             for j in range(max(fk, j0), j1):
                 cj = cutoff_days[j]
                 while i < e and day[i] <= cj:
-                    r = i
-                    d = day[r]
-                    a = amount[r]
-                    if is_purchase[r]:
+                    d = day[i]
+                    a = amount[i]
+                    if is_purchase[i]:
                         if first == NO_PURCHASE:
                             first = d
                         if prev_buy != d:
