@@ -48,6 +48,9 @@ def resolve_cutoffs(
 ) -> list[dt.date]:
     """The cutoff dates a config asks for, checked against the data's first and last days.
 
+    Cutoffs before ``first_event_day`` (the first purchase) are left out: no customer has a
+    row there, so they would only inflate the count of cutoffs a split reports.
+
     Raises
     ------
     ValueError
@@ -82,6 +85,8 @@ def resolve_cutoffs(
             f"{first_event_day}: the data ({first_event_day} to {last_event_day}) are too short "
             f"for a {horizon_days}-day horizon after it; shorten the horizon or add history"
         )
+    if first_event_day is not None:
+        cutoffs = [c for c in cutoffs if c >= first_event_day]
     return cutoffs
 
 
@@ -175,7 +180,11 @@ def split_cutoffs(cutoffs: Sequence[dt.date], horizon_days: int) -> TrainingSpli
     """
     ordered = sorted(set(cutoffs))
     if len(ordered) < 3:
-        raise ValueError("an out-of-time split needs at least 3 cutoffs")
+        raise ValueError(
+            f"an out-of-time split needs at least 3 cutoffs with customers, have {len(ordered)} "
+            f"({', '.join(map(str, ordered))}): the data start too late for more; hold out "
+            "customers instead (split: {by: customers})"
+        )
     test = ordered[-1]
     horizon = dt.timedelta(days=horizon_days)
     eligible = [c for c in ordered[:-1] if c + horizon <= test]

@@ -328,13 +328,20 @@ def prepare_training_set(
         config.cutoffs,
         horizon_days=config.horizon_days,
         last_event_day=pd.Timestamp(tx["timestamp"].max()).date(),
-        first_event_day=pd.Timestamp(tx["timestamp"].min()).date(),
+        first_event_day=_first_purchase_day(tx),
     )
     split = split_rows(cutoffs, config.horizon_days, config.split)
     used = sorted({*split.train, split.valid, split.test})
     frame = _labelled_rows(config, tx, ix, used, settings)
     frame.attrs[INTERACTION_PAIRS] = discover_interaction_pairs(ix) if ix is not None else ()
     return frame, split
+
+
+def _first_purchase_day(tx: pd.DataFrame) -> dt.date:
+    """The day of the first purchase (a refund alone gives a customer no feature row)."""
+    purchases = tx.loc[tx["amount"] >= 0, "timestamp"]
+    stamps = purchases if not purchases.empty else tx["timestamp"]
+    return pd.Timestamp(stamps.min()).date()
 
 
 def _labelled_rows(

@@ -206,3 +206,40 @@ def test_a_retrain_with_another_seed_holds_out_the_same_customers(small_world) -
     assert tests[0] == tests[1] and len(tests[0]) > 50
     other = load_config("churn", {"split.by": "customers", "split.holdout_seed": 5})
     assert other.split.holdout_seed == 5
+
+
+def test_cutoffs_before_the_first_purchase_are_not_made() -> None:
+    # twelve month-ends asked for, seven of them before the data begin: only the five with
+    # customers are made, so a split counts those and nothing else
+    made = resolve_cutoffs(
+        CutoffConfig(count=12),
+        horizon_days=30,
+        last_event_day=D(2025, 12, 31),
+        first_event_day=D(2025, 7, 15),
+    )
+    assert made == [
+        (pd.Timestamp(2025, m, 1) + pd.offsets.MonthEnd(0)).date() for m in range(7, 12)
+    ]
+    split = split_cutoffs(made, horizon_days=30)
+    assert split.describe().endswith(", 3 training cutoffs)")
+    # a cutoff on the first purchase day has that customer: it stays
+    kept = resolve_cutoffs(
+        CutoffConfig(dates=(D(2025, 6, 30), D(2025, 7, 15), D(2025, 8, 31))),
+        horizon_days=30,
+        last_event_day=D(2025, 12, 31),
+        first_event_day=D(2025, 7, 15),
+    )
+    assert kept == [D(2025, 7, 15), D(2025, 8, 31)]
+
+
+def test_training_counts_only_cutoffs_with_customers(small_world) -> None:
+    # the synthetic world starts on 2022-01-01; 48 month-ends reach back into 2021
+    from rapport.training.config import load_config
+    from rapport.training.pipeline import prepare_training_set
+
+    config = load_config("churn", {"cutoffs.count": 48})
+    frame, split = prepare_training_set(config, small_world["transactions"])
+    made = sorted(pd.to_datetime(frame["as_of"]).dt.date.unique())
+    assert made[0] >= D(2022, 1, 1)
+    assert len(split.train) + 2 == len(made)  # every cutoff counted has rows
+    assert f", {len(made) - 2} training cutoffs)" in split.describe()
