@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -219,7 +218,13 @@ def curl_example(host: str, port: int) -> str:
 
 
 def run_service(settings: ServingSettings, *, bento: str | None) -> int:
-    """Run ``bentoml serve`` in the foreground until interrupted; returns its exit code."""
+    """Run ``bentoml serve`` in the foreground until it exits or is stopped; its exit code.
+
+    The server runs as a process group of its own; SIGINT (Ctrl-C) and SIGTERM stop all of it
+    (:func:`rapport.serving.process.run_group`), so nothing answers on the port afterwards.
+    """
+    from rapport.serving.process import run_group
+
     target = bento or "rapport.serving.service:Rapport"
     cmd = [
         sys.executable,
@@ -235,18 +240,17 @@ def run_service(settings: ServingSettings, *, bento: str | None) -> int:
     console.print(f"Serving {target} on http://{settings.host}:{settings.port} (Ctrl-C stops)")
     console.print(f"OpenAPI page: http://{settings.host}:{settings.port}/  Try:")
     console.print(curl_example(settings.host, settings.port), soft_wrap=True, markup=False)
-    # the service reads its settings from the environment: the models chosen here go with it
+    # the service reads its settings from the environment: the models chosen here go with it,
+    # and paths are absolute because a Bento is served from its own folder
     env = {
         **os.environ,
         "RAPPORT_HOME": str(settings.home.resolve()),
+        "RAPPORT_SNAPSHOT": str(settings.snapshot_path.resolve()),
         "RAPPORT_CHURN_MODEL": settings.churn_model,
         "RAPPORT_CLV_MODEL": settings.clv_model,
         "RAPPORT_MODEL_ALIAS": settings.model_alias,
     }
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 0
+    return run_group(cmd, env, grace_seconds=settings.stop_grace_seconds)
 
 
 def _bento_exists(tag: str) -> bool:

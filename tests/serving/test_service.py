@@ -241,3 +241,59 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, seconds: float = 120) -> int:
+    """Poll ``url`` until it answers 200, the process dies, or the deadline passes."""
+    status, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        status, _ = _get(url, timeout=1)
+        if status == 200:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)  # returns at once if the server dies
+    return status
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_serve_stops_the_whole_server_on_a_signal(served, signum):
+    """`rapport serve` passes the signal to `bentoml serve` and its workers, and waits."""
+    import psutil
+
+    rapport = shutil.which("rapport", path=str(Path(sys.executable).parent))
+    assert rapport, "the rapport console script is not installed"
+    port = _free_port()
+    # Its own session, as a shell would start it: the signal goes to `rapport serve` alone.
+    proc = subprocess.Popen(
+        [rapport, "serve", "--registry", "--port", str(port)],
+        env=_env(served),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        status = _wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
+        assert status == 200, f"server not ready (exit code {proc.poll()})"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len(children) >= 2  # `bentoml serve` and its worker
+        os.kill(proc.pid, signum)
+        assert proc.wait(timeout=60) == 0
+        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        assert alive == [], [c.cmdline() for c in alive]
+        assert not _answers(port)
+    finally:
+        # Whatever is left (the old behaviour), so that it does not outlive the test.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if child.pid != proc.pid:
+                    child.kill()
+        proc.wait(timeout=30)
