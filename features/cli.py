@@ -12,7 +12,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, TypedDict, TypeVar, Unpack
 
@@ -31,11 +32,13 @@ from rapport.features.build import (
 )
 from rapport.features.contracts import (
     DataValidationError,
-    DuplicateRowsWarning,
+    LoadOptions,
+    RowsDroppedWarning,
     is_contract_parquet,
     load_interactions,
     load_transactions,
 )
+from rapport.features.load_report import LoadReport
 from rapport.features.segments import segment_summary
 
 console = Console(stderr=True)
@@ -93,22 +96,24 @@ def _counting_cutoffs(
 def run_or_exit(fn: Callable[[], T]) -> T:
     """Run ``fn``; turn input errors into a clean message and exit status 2.
 
-    Duplicate rows dropped on the way in are reported as one ``warning:`` line each, not as
-    Python's warning text (which names a source line of this module, not the user's file).
+    Warnings raised on the way are printed as one ``warning:`` line each once the recording
+    has stopped (printed through :func:`warnings.showwarning` inside it, each would be
+    recorded again, without end). Rows dropped on load are left out: the caller prints the
+    load's accounting line, which says the same.
     """
+    error: Exception | None = None
     with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", DuplicateRowsWarning)
         try:
-            return fn()
+            result = fn()
         except (DataValidationError, ValueError) as err:
-            console.print(f"[red]error:[/] {err}")
-            raise typer.Exit(code=2) from err
-        finally:
-            for w in caught:
-                if issubclass(w.category, DuplicateRowsWarning):
-                    console.print(f"[yellow]warning:[/] {w.message}")
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+            error = err
+    for w in caught:
+        if not issubclass(w.category, RowsDroppedWarning):
+            console.print(f"[yellow]warning:[/] {w.message}")
+    if error is not None:
+        console.print(f"[red]error:[/] {error}")
+        raise typer.Exit(code=2) from error
+    return result
 
 
 def _windows(text: str) -> tuple[int, ...]:
@@ -209,6 +214,48 @@ IxFormatOpt = Annotated[
 ]
 
 
+class DuplicatesChoice(StrEnum):
+    """What ``--duplicates`` does with rows repeated in every source column."""
+
+    drop = "drop"
+    keep = "keep"
+    error = "error"
+
+
+class MissingIdsChoice(StrEnum):
+    """What ``--missing-ids`` does with rows without a customer id."""
+
+    error = "error"
+    drop = "drop"
+
+
+DuplicatesOpt = Annotated[
+    DuplicatesChoice,
+    typer.Option(
+        "--duplicates",
+        help="Rows identical to an earlier row in every source column: drop (counted), keep "
+        "or error. Lines that differ in any column are never duplicates.",
+    ),
+]
+MissingIdsOpt = Annotated[
+    MissingIdsChoice,
+    typer.Option(
+        "--missing-ids",
+        help="Transaction rows without a customer id (guest checkouts): error, or drop "
+        "(counted, with their amount).",
+    ),
+]
+CurrencyOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--currency",
+        envvar="RAPPORT_CURRENCY",
+        help="Currency code of the amounts (GBP, EUR, ...): carried into reports, training, "
+        "scores and responses. Default: RAPPORT_CURRENCY, else unstated.",
+    ),
+]
+
+
 def load_inputs(
     transactions: Path,
     interactions: Path | None,
@@ -218,33 +265,48 @@ def load_inputs(
     timestamp_format: str | None = None,
     ix_timestamp_format: str | None = None,
     decimal_comma: bool = False,
+    duplicates: str = "drop",
+    missing_ids: str = "error",
+    currency: str | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Load and validate the event tables as the options say, with progress; exit 2 on errors.
 
-    The interactions take ``timestamp_format`` unless ``ix_timestamp_format`` gives theirs
+    Each load prints its accounting line (rows read, kept, dropped by reason; amounts). The
+    interactions take ``timestamp_format`` unless ``ix_timestamp_format`` gives theirs
     (``"auto"``: parsed as dates or datetimes): exports from two systems rarely share one.
     """
+    tx_options = LoadOptions(
+        columns=tx_columns,
+        timestamp_format=timestamp_format,
+        decimal="," if decimal_comma else ".",
+        duplicates=DuplicatesChoice(duplicates).value,
+        missing_ids=MissingIdsChoice(missing_ids).value,
+        currency=currency,
+    )
     with step(f"Loading transactions from {transactions}"):
-        tx = run_or_exit(
-            lambda: load_transactions(
-                transactions,
-                columns=tx_columns,
-                timestamp_format=timestamp_format,
-                decimal="," if decimal_comma else ".",
-            )
-        )
+        tx = run_or_exit(lambda: load_transactions(transactions, tx_options))
+    print_load_report(tx)
     if interactions is None:
         return tx, None
     ix_format = timestamp_format if ix_timestamp_format is None else ix_timestamp_format
+    ix_options = replace(
+        tx_options,
+        columns=ix_columns,
+        timestamp_format=None if ix_format == "auto" else ix_format,
+        missing_ids="error",
+    )
     with step(f"Loading interactions from {interactions}"):
-        ix = run_or_exit(
-            lambda: load_interactions(
-                interactions,
-                columns=ix_columns,
-                timestamp_format=None if ix_format == "auto" else ix_format,
-            )
-        )
+        ix = run_or_exit(lambda: load_interactions(interactions, ix_options))
+    print_load_report(ix)
     return tx, ix
+
+
+def print_load_report(frame: pd.DataFrame) -> None:
+    """Print a loaded table's accounting line, in yellow when rows were dropped."""
+    report = LoadReport.of(frame)
+    if report is not None:
+        colour = "yellow" if report.dropped else "green"
+        console.print(f"[{colour}]=[/] {report.line()}")
 
 
 @dataclass(frozen=True)
@@ -270,6 +332,14 @@ class ReadOptions(TypedDict, total=False):
     timestamp_format: str | None
     ix_timestamp_format: str | None
     decimal_comma: bool
+    duplicates: str
+    missing_ids: str
+    currency: str | None
+
+
+#: Options that change how a file's rows are read (the others are policies for bad rows,
+#: which a file Rapport wrote in its contract cannot have, and the currency's name).
+_READING = ("tx_columns", "ix_columns", "timestamp_format", "ix_timestamp_format", "decimal_comma")
 
 
 def open_inputs(
@@ -284,7 +354,7 @@ def open_inputs(
     goes through :func:`load_inputs`.
     """
     if (
-        not any(options.values())
+        not any(options.get(k) for k in _READING)
         and is_contract_parquet(transactions, "transactions")
         and (interactions is None or is_contract_parquet(interactions, "interactions"))
     ):
@@ -361,6 +431,9 @@ def features_build(
     timestamp_format: FormatOpt = None,
     ix_timestamp_format: IxFormatOpt = None,
     decimal_comma: DecimalCommaOpt = False,
+    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
+    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
+    currency: CurrencyOpt = None,
     cutoff_batch: Annotated[
         int | None,
         typer.Option(
@@ -384,6 +457,9 @@ def features_build(
         timestamp_format=timestamp_format,
         ix_timestamp_format=ix_timestamp_format,
         decimal_comma=decimal_comma,
+        duplicates=duplicates.value,
+        missing_ids=missing_ids.value,
+        currency=currency,
     )
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
@@ -420,6 +496,9 @@ def features_labels(
     tx_columns: TxColumnsOpt = "",
     timestamp_format: FormatOpt = None,
     decimal_comma: DecimalCommaOpt = False,
+    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
+    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
+    currency: CurrencyOpt = None,
 ) -> None:
     """Build churn / future-spend labels for a horizon after each cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
@@ -429,6 +508,9 @@ def features_labels(
         tx_columns=tx_columns,
         timestamp_format=timestamp_format,
         decimal_comma=decimal_comma,
+        duplicates=duplicates.value,
+        missing_ids=missing_ids.value,
+        currency=currency,
     )
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):

@@ -3,16 +3,19 @@
 Transactions
     ``customer_id`` (any hashable id, never null), ``timestamp`` (date or datetime; stored as
     timezone-free UTC), ``amount`` (float64 currency; refunds negative, zero allowed) and an
-    optional ``order_id``.
+    optional ``order_id``: lines that share a customer and an ``order_id`` are one order, one
+    row whose amount is the lines' total, at the first line's time.
 Interactions (optional everywhere)
     ``customer_id``, ``timestamp``, ``channel`` (email, web, phone, store, app, ...) and ``event``
     (sent, open, click, visit, call, complaint, ...); channel and event are normalised to
     lower case.
 
 Validation happens where data enters. Every failure raises :class:`DataValidationError`, which
-names the table and the column and shows the first offending rows; nothing downstream runs, so
-nothing is written. Exact duplicate rows are reported (a :class:`DuplicateRowsWarning` and the
-``duplicates_dropped`` entry of ``DataFrame.attrs``) and dropped.
+names the table (and file) and the column and shows the first offending rows; nothing
+downstream runs, so nothing is written. What a load drops or merges is counted in a
+:class:`~rapport.features.load_report.LoadReport` (``LoadReport.of(frame)``): rows
+identical to an earlier one in every source column (dropped by default), rows without a
+customer id (an error by default, or dropped), order lines merged into their order.
 """
 
 from __future__ import annotations
@@ -20,12 +23,20 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
+
+from rapport.features.column_map import (
+    ColumnMapError,
+    evaluate_expressions,
+    is_expression,
+    parse_column_map,
+)
+from rapport.features.load_report import ATTRS_KEY, Dropped, LoadReport
 
 TableKind = Literal["transactions", "interactions"]
 TableSource = pd.DataFrame | str | os.PathLike[str]
@@ -78,38 +89,17 @@ class DataValidationError(ValueError):
         super().__init__(message)
 
 
-class DuplicateRowsWarning(UserWarning):
-    """Exact duplicate rows were found and dropped."""
+class RowsDroppedWarning(UserWarning):
+    """Rows were dropped on load (exact duplicates, rows without an id); counted in the text."""
 
 
-def parse_column_map(spec: str | Mapping[str, str] | None) -> dict[str, str]:
-    """Parse a column mapping from Rapport's names to the user's names.
-
-    Parameters
-    ----------
-    spec
-        ``{"customer_id": "CustomerID", ...}`` or the CLI form
-        ``"customer_id=CustomerID,timestamp=InvoiceDate"``; ``None`` or ``""`` for no mapping.
-
-    Returns
-    -------
-    dict
-        Rapport column name -> column name in the user's data.
-    """
-    if spec is None or spec == "":
-        return {}
-    if isinstance(spec, Mapping):
-        return dict(spec)
-    mapping: dict[str, str] = {}
-    for part in spec.split(","):
-        ours, sep, theirs = part.partition("=")
-        if not sep or not ours.strip() or not theirs.strip():
-            raise ValueError(f"column map entry {part!r} is not of the form rapport_name=your_name")
-        mapping[ours.strip()] = theirs.strip()
-    return mapping
+#: The former name, for code that filters on it.
+DuplicateRowsWarning = RowsDroppedWarning
 
 
-def read_table(source: TableSource, *, kind: TableKind = "transactions") -> pd.DataFrame:
+def read_table(
+    source: TableSource, *, kind: TableKind = "transactions", text_columns: tuple[str, ...] = ()
+) -> pd.DataFrame:
     """Read a CSV (optionally compressed), Parquet file or folder, or pass a DataFrame through.
 
     Parameters
@@ -120,6 +110,9 @@ def read_table(source: TableSource, *, kind: TableKind = "transactions") -> pd.D
         forms) as delimited text, the delimiter sniffed.
     kind
         Which table this is, for error messages.
+    text_columns
+        Columns a delimited file holds as text whatever they look like: ids (``007`` and
+        ``7`` are two customers; a column with a blank id stays text, not float).
 
     Returns
     -------
@@ -137,35 +130,54 @@ def read_table(source: TableSource, *, kind: TableKind = "transactions") -> pd.D
     stem_suffixes = [s for s in suffixes if s not in (".gz", ".zip", ".bz2", ".xz", ".zst")]
     if stem_suffixes and stem_suffixes[-1] in (".csv", ".txt", ".tsv"):
         sep = "\t" if stem_suffixes[-1] == ".tsv" else None
-        # sep=None sniffs the delimiter (comma, semicolon, ...) with the python engine.
-        return pd.read_csv(path, sep=sep, engine="python" if sep is None else "c")
+        # sep=None sniffs the delimiter (comma, semicolon, ...) with the python engine;
+        # utf-8-sig reads a byte-order mark as one, not as part of the first column's name.
+        return pd.read_csv(
+            path,
+            sep=sep,
+            engine="python" if sep is None else "c",
+            encoding="utf-8-sig",
+            dtype={column: "string" for column in text_columns},
+        )
     raise DataValidationError(
         kind, None, f"cannot read {path.name}: expected .csv, .tsv, .txt or .parquet"
     )
 
 
-def _apply_column_map(
-    df: pd.DataFrame, schema: TableSchema, mapping: Mapping[str, str]
+def _contract_columns(
+    df: pd.DataFrame, schema: TableSchema, mapping: Mapping[str, str], table: str
 ) -> pd.DataFrame:
+    """The contract's columns of ``df``: mapped columns, evaluated expressions, or as named."""
     unknown = sorted(set(mapping) - set(schema.columns))
     if unknown:
         raise DataValidationError(
-            schema.kind,
+            table,
             unknown[0],
             f"column map names unknown Rapport column(s) {unknown}; "
             f"known columns are {list(schema.columns)}",
         )
-    absent = {ours: theirs for ours, theirs in mapping.items() if theirs not in df.columns}
+    expressions = {ours: v for ours, v in mapping.items() if is_expression(v, df.columns)}
+    absent = {o: v for o, v in mapping.items() if o not in expressions and v not in df.columns}
     if absent:
         ours, theirs = next(iter(absent.items()))
         raise DataValidationError(
-            schema.kind,
+            table,
             ours,
             f"mapped to '{theirs}', which is not in the data; columns are {list(df.columns)}",
         )
-    if not mapping:
-        return df
-    return df.rename(columns={theirs: ours for ours, theirs in mapping.items()})
+    try:
+        evaluated = evaluate_expressions(df, expressions) if expressions else None
+    except ColumnMapError as err:
+        raise DataValidationError(table, err.target, str(err)) from err
+    out: dict[str, pd.Series] = {}
+    for name in schema.columns:
+        if evaluated is not None and name in evaluated.columns:
+            out[name] = evaluated[name]
+        elif name in mapping:
+            out[name] = df[mapping[name]]
+        elif name in df.columns:
+            out[name] = df[name]
+    return pd.DataFrame(out, index=df.index)
 
 
 def _check_not_null(df: pd.DataFrame, kind: str, column: str) -> None:
@@ -288,14 +300,125 @@ def _duplicated(frame: pd.DataFrame) -> np.ndarray:
     return out
 
 
+DuplicatePolicy = Literal["drop", "keep", "error"]
+MissingIdPolicy = Literal["error", "drop"]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to read one user table: column map, formats and what to do with bad rows.
+
+    Parameters
+    ----------
+    columns
+        Rapport column name -> a column of the source or a DuckDB expression over its columns
+        (``{"amount": "Quantity * UnitPrice"}``), or the CLI form ``"amount=Quantity*UnitPrice"``.
+    timestamp_format
+        A ``strftime`` format for ``timestamp`` when pandas cannot infer it (e.g. ``%Y%m%d``).
+    decimal
+        The decimal mark of text amounts: ``"."`` or ``","`` (``1.234,50``).
+    duplicates
+        Rows identical in every source column: ``"drop"`` (reported), ``"keep"`` or ``"error"``.
+    missing_ids
+        Rows without a customer id: ``"error"`` or ``"drop"`` (reported with their amount).
+    currency
+        The data's currency code, for reports.
+    """
+
+    columns: str | Mapping[str, str] | None = None
+    timestamp_format: str | None = None
+    decimal: str = "."
+    duplicates: DuplicatePolicy = "drop"
+    missing_ids: MissingIdPolicy = "error"
+    currency: str | None = None
+
+
+def _missing_ids(ids: pd.Series) -> np.ndarray:
+    """Null ids, and text ids that are empty or blank (exports write guests as "")."""
+    missing = ids.isna().to_numpy().copy()
+    if ids.dtype == object or isinstance(ids.dtype, pd.StringDtype):
+        text = ids.astype("string").str.strip()
+        missing |= (text == "").fillna(False).to_numpy(dtype=bool)
+    return missing
+
+
+def _rows_to_drop(
+    df: pd.DataFrame,
+    mapped: pd.DataFrame,
+    amount: pd.Series | None,
+    options: LoadOptions,
+    table: str,
+) -> tuple[np.ndarray, list[Dropped], int]:
+    """Rows without an id and exact duplicates, as the options say: (mask, drops, kept dups)."""
+    drops: list[Dropped] = []
+
+    def total(rows: np.ndarray) -> float | None:
+        return None if amount is None else float(amount.to_numpy()[rows].sum())
+
+    missing = _missing_ids(mapped["customer_id"])
+    if missing.any():
+        if options.missing_ids == "error":
+            raise DataValidationError(
+                table,
+                "customer_id",
+                f"{int(missing.sum()):,} row(s) without a customer id (guests?); pass "
+                "--missing-ids drop (missing_ids='drop') to drop them, counted",
+                df.loc[missing],
+            )
+        drops.append(Dropped("missing_ids", "no customer id", int(missing.sum()), total(missing)))
+    # Judged on every source column: two lines of one invoice with equal totals map to equal
+    # contract rows and are still two purchases; only a row repeated in full is a duplicate.
+    duplicated = _duplicated(df) & ~missing
+    n_duplicated = int(duplicated.sum())
+    if n_duplicated and options.duplicates == "error":
+        raise DataValidationError(
+            table,
+            None,
+            f"{n_duplicated:,} row(s) identical to an earlier row in every column",
+            df.loc[duplicated],
+        )
+    if n_duplicated and options.duplicates == "drop":
+        drops.append(
+            Dropped(
+                "duplicates",
+                "identical to an earlier row in every column",
+                n_duplicated,
+                total(duplicated),
+            )
+        )
+        return missing | duplicated, drops, 0
+    return missing, drops, n_duplicated
+
+
+def merge_order_lines(tx: pd.DataFrame) -> pd.DataFrame:
+    """One row per order: lines of a (customer, ``order_id``) summed, at their first time.
+
+    Rows without ``order_id`` (or without the column) are purchases each, as given. An order
+    whose lines net below zero is a refund row, as a cancellation invoice is.
+    """
+    if "order_id" not in tx.columns:
+        return tx
+    has_order = tx["order_id"].notna().to_numpy()
+    keys = tx.loc[has_order, ["customer_id", "order_id"]]
+    if not keys.duplicated().any():
+        return tx
+    orders = (
+        tx.loc[has_order]
+        .groupby(["customer_id", "order_id"], sort=False, observed=True)
+        .agg(timestamp=("timestamp", "min"), amount=("amount", "sum"))
+        .reset_index()
+    )
+    merged = pd.concat([orders, tx.loc[~has_order]], ignore_index=True)
+    return merged[list(tx.columns)]
+
+
 def validate_table(
     df: pd.DataFrame,
     kind: TableKind,
+    options: LoadOptions | None = None,
     *,
-    columns: Mapping[str, str] | None = None,
-    timestamp_format: str | None = None,
-    drop_duplicates: bool = True,
-    decimal: str = ".",
+    name: str | None = None,
+    **kwargs: Any,
 ) -> pd.DataFrame:
     """Check one event table against its contract and return it in canonical form.
 
@@ -305,103 +428,116 @@ def validate_table(
         Raw table.
     kind
         ``"transactions"`` or ``"interactions"``.
-    columns
-        Rapport column name -> the name in ``df`` (e.g. ``{"customer_id": "CustID"}``).
-    timestamp_format
-        A ``strftime`` format for ``timestamp`` when pandas cannot infer it (e.g. ``%Y%m%d``).
-    drop_duplicates
-        Report and drop exact duplicate rows.
-    decimal
-        The decimal mark of text amounts: ``"."`` or ``","`` (``1.234,50``, with ``.``
-        grouping thousands).
+    options
+        Column map, formats and bad-row policies (:class:`LoadOptions`; defaults: no map,
+        drop exact duplicates, refuse rows without an id).
+    **kwargs
+        :class:`LoadOptions` fields given one by one (``columns=...``), over ``options``.
+    name
+        The source's file name, for messages.
 
     Returns
     -------
     pandas.DataFrame
         Transactions: ``customer_id``, ``timestamp`` (``datetime64[us]``, naive UTC),
-        ``amount`` (float64) and ``order_id`` if given. Interactions: ``customer_id``,
-        ``timestamp``, ``channel`` and ``event`` (lower-case categoricals). Other columns are
-        dropped. ``attrs["duplicates_dropped"]`` holds the number of rows dropped.
+        ``amount`` (float64) and ``order_id`` if given, one row per order when it is.
+        Interactions: ``customer_id``, ``timestamp``, ``channel`` and ``event`` (lower-case
+        categoricals). Other columns are dropped. ``LoadReport.of(frame)`` reads the
+        :class:`~rapport.features.load_report.LoadReport`; ``attrs["duplicates_dropped"]``
+        the number of exact duplicates dropped.
 
     Raises
     ------
     DataValidationError
-        Empty table, missing column, null id or timestamp, unparsable timestamp, non-numeric or
-        infinite amount, null channel or event.
+        Empty table, missing column, bad column map expression, null id (unless dropped),
+        null or unparsable timestamp, non-numeric or infinite amount, null channel or event,
+        duplicates under ``duplicates="error"``.
     """
+    options = replace(options or LoadOptions(), **kwargs)
     schema = SCHEMAS[kind]
-    df = _apply_column_map(df, schema, columns or {})
+    table = f"{kind} ({name})" if name else kind
     if len(df) == 0:
-        raise DataValidationError(kind, None, "the table is empty (no rows)")
-    missing = [c for c in schema.required if c not in df.columns]
+        raise DataValidationError(table, None, "the table is empty (no rows)")
+    mapped = _contract_columns(df, schema, parse_column_map(options.columns), table)
+    missing = [c for c in schema.required if c not in mapped.columns]
     if missing:
         raise DataValidationError(
-            kind,
+            table,
             missing[0],
             f"required column missing; columns present are {list(df.columns)} "
             "(map your names with a column map, e.g. customer_id=CustID)",
         )
-    for column in schema.required:
-        _check_not_null(df, kind, column)
+    for column in schema.required[1:]:
+        _check_not_null(mapped, table, column)
     out: dict[str, pd.Series] = {
-        "customer_id": df["customer_id"],
-        "timestamp": _to_utc_naive(df, kind, timestamp_format),
+        "customer_id": mapped["customer_id"],
+        "timestamp": _to_utc_naive(mapped, table, options.timestamp_format),
     }
+    amount = None
     if kind == "transactions":
-        out["amount"] = _to_amount(df, kind, decimal)
-        if "order_id" in df.columns:
-            out["order_id"] = df["order_id"]
+        amount = out["amount"] = _to_amount(mapped, table, options.decimal)
+        if "order_id" in mapped.columns:
+            out["order_id"] = mapped["order_id"]
     else:
-        out["channel"] = _to_label(df, "channel")
-        out["event"] = _to_label(df, "event")
-    clean = pd.DataFrame(out, index=df.index)
-    dropped = 0
-    if drop_duplicates:
-        duplicated = _duplicated(clean)
-        dropped = int(duplicated.sum())
-        if dropped:
-            warnings.warn(
-                f"{kind}: dropped {dropped:,} exact duplicate row(s), e.g. row(s) "
-                f"{list(clean.index[duplicated][:SHOWN_ROWS])}",
-                DuplicateRowsWarning,
-                stacklevel=3,
-            )
-            clean = clean.loc[~duplicated]
-    clean = clean.reset_index(drop=True)
-    clean.attrs = {"duplicates_dropped": dropped, "validated": kind}
+        out["channel"] = _to_label(mapped, "channel")
+        out["event"] = _to_label(mapped, "event")
+    drop, drops, duplicates_kept = _rows_to_drop(df, mapped, amount, options, table)
+    clean = pd.DataFrame(out, index=df.index).loc[~drop]
+    rows_kept_lines = len(clean)
+    clean = merge_order_lines(clean).reset_index(drop=True)
+    report = LoadReport(
+        table=table,
+        rows_read=len(df),
+        rows_kept=len(clean),
+        dropped=tuple(drops),
+        amount_read=None if amount is None else float(amount.sum()),
+        amount_kept=None if amount is None else float(clean["amount"].sum()),
+        lines_merged=rows_kept_lines - len(clean),
+        duplicates_kept=duplicates_kept,
+        currency=options.currency,
+    )
+    if drops:
+        warnings.warn(report.line(), RowsDroppedWarning, stacklevel=2)
+    clean.attrs = {
+        "duplicates_dropped": report.rows_dropped("duplicates"),
+        "validated": kind,
+        ATTRS_KEY: report.to_attrs(),
+    }
     return clean
 
 
 def load_transactions(
     source: TableSource,
-    *,
-    columns: str | Mapping[str, str] | None = None,
-    timestamp_format: str | None = None,
-    decimal: str = ".",
+    options: LoadOptions | None = None,
+    **kwargs: Any,
 ) -> pd.DataFrame:
-    """Read and validate a transactions table (see :func:`validate_table` for the columns out)."""
-    return validate_table(
-        read_table(source, kind="transactions"),
-        "transactions",
-        columns=parse_column_map(columns),
-        timestamp_format=timestamp_format,
-        decimal=decimal,
-    )
+    """Read and validate a transactions table (see :func:`validate_table` for the columns out).
+
+    ``options`` or its fields as keywords (``columns={"amount": "Quantity * UnitPrice"}``,
+    ``missing_ids="drop"``, ...) say how; a frame that is already valid passes through.
+    """
+    return _load(source, "transactions", options, kwargs)
 
 
 def load_interactions(
     source: TableSource,
-    *,
-    columns: str | Mapping[str, str] | None = None,
-    timestamp_format: str | None = None,
+    options: LoadOptions | None = None,
+    **kwargs: Any,
 ) -> pd.DataFrame:
     """Read and validate an interactions table (see :func:`validate_table` for the columns out)."""
-    return validate_table(
-        read_table(source, kind="interactions"),
-        "interactions",
-        columns=parse_column_map(columns),
-        timestamp_format=timestamp_format,
-    )
+    return _load(source, "interactions", options, kwargs)
+
+
+def _load(
+    source: TableSource, kind: TableKind, options: LoadOptions | None, kwargs: dict[str, Any]
+) -> pd.DataFrame:
+    if isinstance(source, pd.DataFrame) and is_validated(source, kind) and not kwargs:
+        return source
+    name = None if isinstance(source, pd.DataFrame) else Path(source).name
+    mapping = parse_column_map(kwargs.get("columns", options.columns if options else None))
+    ids = [mapping.get(c, c) for c in ("customer_id", "order_id")]
+    raw = read_table(source, kind=kind, text_columns=tuple(ids))
+    return validate_table(raw, kind, options, name=name, **kwargs)
 
 
 def is_validated(df: pd.DataFrame, kind: TableKind) -> bool:
