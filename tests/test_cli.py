@@ -221,3 +221,18 @@ def test_every_option_has_help():
             walk(sub)
 
     walk(group)
+
+
+def test_a_warning_while_loading_is_printed_once(capsys):
+    # Printing a recorded warning through warnings.showwarning inside the recording appended
+    # it to the list being read: the loop never ended and memory ran out.
+    import warnings
+
+    from rapport.features.cli import run_or_exit
+
+    def warns() -> int:
+        warnings.warn("dates look day-first", UserWarning, stacklevel=1)
+        return 7
+
+    assert run_or_exit(warns) == 7
+    assert capsys.readouterr().err.count("warning: dates look day-first") == 1
