@@ -23,8 +23,16 @@ from rapport.features.definitions import (
     feature_columns,
     is_nonnegative_feature,
 )
+from rapport.training.candidates import (
+    ESTIMATORS,
+    ChurnEstimator,
+    Estimator,
+    Family,
+)
+from rapport.training.candidates import predict as family_predict
 from rapport.training.models import (
     DAYS_PER_WEEK,
+    BTYDFeatures,
     ChurnModel,
     FeatureSchemaError,
     ValueModel,
@@ -60,7 +68,7 @@ class ModelVersion:
 class LoadedModel:
     """A fitted model and the registry version it came from."""
 
-    model: ChurnModel | ValueModel
+    model: Estimator
     version: ModelVersion
 
 
@@ -106,10 +114,10 @@ def load_pyfunc_dir(path: str, version: ModelVersion) -> LoadedModel:
     return LoadedModel(model=_unwrap(mlflow.pyfunc.load_model(path)), version=version)
 
 
-def _unwrap(pyfunc: Any) -> ChurnModel | ValueModel:
+def _unwrap(pyfunc: Any) -> Estimator:
     inner = pyfunc.unwrap_python_model()
     model = getattr(inner, "model", None)
-    if not isinstance(model, ChurnModel | ValueModel):
+    if not isinstance(model, ESTIMATORS):
         raise TypeError(f"not a Rapport model: {type(inner).__name__}")
     return model
 
@@ -143,15 +151,7 @@ class CompiledModel:
 
         ``check=False`` for rows already validated (BG/NBD's input rules).
         """
-        if self.model.btyd_ is None:
-            return {}
-        return self.model.btyd_.arrays(
-            cols["frequency"],
-            cols["recency"] / DAYS_PER_WEEK,
-            cols["T"] / DAYS_PER_WEEK,
-            cols["monetary_value"],
-            check=check,
-        )
+        return _btyd_columns(self.model.btyd_, cols, check=check)
 
     def matrix(
         self, cols: Mapping[str, np.ndarray], n: int, btyd: Mapping[str, np.ndarray]
@@ -201,6 +201,73 @@ class CompiledModel:
             x, pred_contrib=True, num_iteration=self.best_iteration, num_threads=_threads(len(x))
         )
         return np.asarray(contrib, dtype="float64")[:, :-1]
+
+
+def _btyd_columns(
+    btyd: BTYDFeatures | None, cols: Mapping[str, np.ndarray], *, check: bool
+) -> dict[str, np.ndarray]:
+    if btyd is None:
+        return {}
+    return btyd.arrays(
+        cols["frequency"],
+        cols["recency"] / DAYS_PER_WEEK,
+        cols["T"] / DAYS_PER_WEEK,
+        cols["monetary_value"],
+        check=check,
+    )
+
+
+class CompiledFamily:
+    """A model of a non-LightGBM family, scored on plain arrays through its public methods.
+
+    The same interface as :class:`CompiledModel`; the "matrix" is the model's input columns
+    side by side, handed back to the model as ``{column: array}``. Reasons are the model's own
+    ``contributions`` (the logistic family's coefficient x standardised input); families
+    without an exact decomposition give none (their ``contributions_note`` says why).
+
+    Parameters
+    ----------
+    model
+        A fitted model of a family in :mod:`rapport.training.candidates`.
+    """
+
+    def __init__(self, model: Family) -> None:
+        self.model = model
+        self.task = model.task
+        self.horizon_days = model.config.horizon_days
+        self.inputs: list[str] = input_columns(model)
+        self.features: list[str] = list(model.feature_names_)
+        self.codes: dict[str, dict[str, float]] = {}
+        self.categorical: set[str] = set()
+
+    def btyd(self, cols: Mapping[str, np.ndarray], *, check: bool = True) -> dict[str, np.ndarray]:
+        """The model's BTYD columns (empty for families without a BTYD fit)."""
+        return _btyd_columns(self.model.btyd_, cols, check=check)
+
+    def matrix(
+        self, cols: Mapping[str, np.ndarray], n: int, btyd: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
+        """The model's input columns side by side (float64), in :attr:`inputs` order."""
+        return np.column_stack([cols[c] for c in self.inputs]).astype("float64").reshape(n, -1)
+
+    def _columns(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return {name: x[:, j] for j, name in enumerate(self.inputs)}
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Churn: the family's probability; value: its expected spend over the horizon."""
+        return family_predict(self.model, self._columns(x))
+
+    def contributions(self, x: np.ndarray) -> np.ndarray:
+        """The model's own per-feature contributions, without the bias column."""
+        frame = self.model.contributions(self._columns(x))
+        return frame.drop(columns="_bias").to_numpy(dtype="float64")
+
+
+def compile_model(model: Estimator) -> CompiledModel | CompiledFamily:
+    """The array scorer of a fitted model of any family."""
+    if isinstance(model, ChurnModel | ValueModel):
+        return CompiledModel(model)
+    return CompiledFamily(model)
 
 
 def _threads(rows: int) -> int:
@@ -284,8 +351,8 @@ class Scorer:
             raise TypeError("Scorer needs a churn model and a value (clv) model")
         self.churn_version = churn.version
         self.value_version = value.version
-        self.churn = CompiledModel(churn.model)
-        self.value = CompiledModel(value.model)
+        self.churn = compile_model(churn.model)
+        self.value = compile_model(value.model)
         self.inputs: list[str] = list(dict.fromkeys([*self.churn.inputs, *self.value.inputs]))
         self.categorical: set[str] = (self.churn.categorical | self.value.categorical) & set(
             self.inputs
@@ -388,8 +455,9 @@ class Scorer:
         x_value = self.value.matrix(cols, n, value_btyd)
         proba = self.churn.predict(x_churn)
         value = self.value.predict(x_value)
-        assert isinstance(self.churn.model, ChurnModel)
-        tiers = self.churn.model.risk_tier(proba)
+        churn_model = self.churn.model
+        assert isinstance(churn_model, ChurnEstimator)
+        tiers = churn_model.risk_tier(proba)
         btyd = value_btyd if self.btyd_source is self.value else churn_btyd
         h = self.btyd_source.horizon_days
         nan = np.full(n, np.nan)
@@ -411,7 +479,7 @@ class Scorer:
 
     @staticmethod
     def _reasons(
-        compiled: CompiledModel,
+        compiled: CompiledModel | CompiledFamily,
         x: np.ndarray,
         cols: Mapping[str, np.ndarray],
         btyd: Mapping[str, np.ndarray],

@@ -130,18 +130,34 @@ def _number_column(table: Table, header: str) -> None:
     table.add_column(header, justify="right", min_width=6, overflow="fold")
 
 
+def _short(column: str) -> str | None:
+    """A metric column's short header (``valid_roc_auc`` reads ``valid ROC-AUC``)."""
+    if column in SHORT_NAMES:
+        return SHORT_NAMES[column]
+    if column.startswith("valid_") and column.removeprefix("valid_") in SHORT_NAMES:
+        return f"valid {SHORT_NAMES[column.removeprefix('valid_')]}"
+    return None
+
+
 def print_metrics(table: pd.DataFrame, title: str) -> None:
-    """Print a models x metrics table."""
+    """Print a models x metrics table (with the selection's status column when it has one).
+
+    An unusable row shows no numbers and says why in its status, never a score of 0.5.
+    """
     out = Table(title=title)
     out.add_column("model", no_wrap=True)
-    columns = [c for c in table.columns if c in SHORT_NAMES]
+    columns = [c for c in table.columns if _short(c) is not None]
     for col in columns:
-        _number_column(out, SHORT_NAMES[col])
+        _number_column(out, str(_short(col)))
+    if "status" in table.columns:
+        out.add_column("status", overflow="fold")
     for name, row in table.iterrows():
-        out.add_row(
-            str(name),
-            *("" if not math.isfinite(float(row[c])) else f"{float(row[c]):.4f}" for c in columns),
-        )
+        cells = [
+            "" if not math.isfinite(float(row[c])) else f"{float(row[c]):.4f}" for c in columns
+        ]
+        if "status" in table.columns:
+            cells.append(str(row["status"]))
+        out.add_row(str(name), *cells)
     console.print(out)
 
 
@@ -216,6 +232,8 @@ def train_command(
             partial(train, cfg, tx, ix, source=str(tx_path), settings=settings, step=step)
         )
         print_metrics(result.metrics, f"{cfg.task}: {result.split.describe()}")
+        for note in result.notes:
+            console.print(note)
         verdict = "[green]champion[/]" if result.promoted else "[yellow]challenger only[/]"
         console.print(
             f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason}); "

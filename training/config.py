@@ -40,6 +40,12 @@ TASK_METRICS: dict[str, frozenset[str]] = {
     "clv": frozenset({"gini", "spearman", "decile_mape", "mae", "rmse"}),
 }
 
+#: Model families of each task (see :mod:`rapport.training.candidates`).
+TASK_FAMILIES: dict[str, tuple[str, ...]] = {
+    "churn": ("lightgbm", "logistic", "bgnbd", "pnbd"),
+    "clv": ("lightgbm", "bgnbd_gg", "two_part"),
+}
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -216,6 +222,9 @@ class ModelConfig(_Frozen):
     max_train_rows: int | None = Field(default=500_000, gt=0)
     #: Drop features by name (e.g. ones a data scientist found leaky or unstable).
     exclude_features: tuple[str, ...] = ()
+    #: Families that may be selected and registered (``null``: every family of the task).
+    #: The others are still fitted and scored, so they still bound the gate.
+    selectable: tuple[str, ...] | None = None
     gate: GateConfig
     tuning: TuningConfig = Field(default_factory=TuningConfig)
     #: Risk tiers for churn probability: upper bounds of ``low`` and ``medium``.
@@ -237,6 +246,12 @@ class ModelConfig(_Frozen):
         low, high = self.risk_tiers
         if not 0 < low < high < 1:
             raise ValueError("risk_tiers must satisfy 0 < low < high < 1")
+        unknown = sorted(set(self.selectable or ()) - set(TASK_FAMILIES[self.task]))
+        if unknown or self.selectable == ():
+            raise ValueError(
+                f"selectable: unknown {self.task} families {unknown}; choose from "
+                f"{list(TASK_FAMILIES[self.task])}"
+            )
         metric = self.tuning.metric or self.gate.metric
         if self.tuning.trials and metric not in TASK_METRICS[self.task]:
             raise ValueError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import lightgbm as lgb
 import numpy as np
@@ -376,8 +376,8 @@ class ChurnModel(_BaseModel):
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame) -> ChurnModel:
         """Fit on ``train`` rows, early-stop and calibrate on ``valid`` rows."""
         label = self.config.label
-        y_train = _binary_label(train, label)
-        y_valid = _binary_label(valid, label)
+        y_train = binary_label(train, label)
+        y_valid = binary_label(valid, label)
         self._fit_inputs(train)
         weight = valid_weight = None
         if self.config.balance_classes:
@@ -441,8 +441,8 @@ class ValueModel(_BaseModel):
     def fit(self, train: pd.DataFrame, valid: pd.DataFrame) -> ValueModel:
         """Fit on ``train`` rows, early-stop on ``valid`` rows."""
         label = self.config.label
-        y_train = _spend_label(train, label)
-        y_valid = _spend_label(valid, label)
+        y_train = spend_label(train, label)
+        y_valid = spend_label(valid, label)
         self._fit_inputs(train)
         x_train, x_valid = self.matrix(train), self.matrix(valid)
         self.buyer_booster_: lgb.Booster | None = None
@@ -495,7 +495,14 @@ class ValueModel(_BaseModel):
         return spend
 
 
-def _binary_label(frame: pd.DataFrame, label: str) -> np.ndarray:
+def binary_label(frame: pd.DataFrame, label: str) -> np.ndarray:
+    """A churn label column as int8 0/1, checked: present, no nulls, both classes.
+
+    Raises
+    ------
+    FeatureSchemaError
+        Naming the label and what is wrong with it.
+    """
     if label not in frame.columns:
         raise FeatureSchemaError(f"label column {label!r} is missing")
     values = frame[label]
@@ -508,7 +515,14 @@ def _binary_label(frame: pd.DataFrame, label: str) -> np.ndarray:
     return y
 
 
-def _spend_label(frame: pd.DataFrame, label: str) -> np.ndarray:
+def spend_label(frame: pd.DataFrame, label: str) -> np.ndarray:
+    """A spend label column as float64, checked finite, refunds floored at 0.
+
+    Raises
+    ------
+    FeatureSchemaError
+        Naming the label and the first row that is not finite.
+    """
     if label not in frame.columns:
         raise FeatureSchemaError(f"label column {label!r} is missing")
     y = frame[label].to_numpy(dtype="float64", na_value=np.nan)
@@ -540,7 +554,7 @@ class LogisticBaseline:
     def fit(self, train: pd.DataFrame) -> LogisticBaseline:
         """Fit on training rows."""
         self.pipeline_: Pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=1.0))
-        self.pipeline_.fit(self._x(train), _binary_label(train, self.label))
+        self.pipeline_.fit(self._x(train), binary_label(train, self.label))
         return self
 
     def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
@@ -555,8 +569,20 @@ def next_purchase_date(as_of: pd.Series, days: np.ndarray) -> pd.Series:
     return base + pd.to_timedelta(pd.Series(finite, index=as_of.index), unit="D")
 
 
+class HasInputs(Protocol):
+    """What :func:`btyd_outputs` and :func:`input_columns` read of a fitted model, any family."""
+
+    config: ModelConfig
+    btyd_: BTYDFeatures | None
+
+    @property
+    def feature_names_(self) -> list[str]:
+        """Model inputs, in order."""
+        ...
+
+
 def btyd_outputs(
-    model: _BaseModel, frame: pd.DataFrame, extra: pd.DataFrame | None = None
+    model: HasInputs, frame: pd.DataFrame, extra: pd.DataFrame | None = None
 ) -> pd.DataFrame:
     """P(alive), expected purchases over the horizon and days to the next purchase, per row.
 
@@ -609,7 +635,7 @@ def score_frame(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataF
     return out
 
 
-def input_columns(model: ChurnModel | ValueModel) -> list[str]:
+def input_columns(model: HasInputs) -> list[str]:
     """The feature columns a caller must send (BTYD columns are derived inside)."""
     derived = set(model.btyd_.columns) if model.btyd_ is not None else set()
     needed = [c for c in model.feature_names_ if c not in derived]

@@ -15,13 +15,12 @@ import json
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import pandas as pd
 import yaml
 from mlflow.data.pandas_dataset import from_pandas
@@ -30,7 +29,7 @@ from mlflow.models import infer_signature
 from rapport.features.build import build_features, connect, discover_interaction_pairs
 from rapport.features.contracts import TableSource, load_interactions, load_transactions
 from rapport.training import plots, tracking, tuning
-from rapport.training.btyd import ConvergenceError, ParetoNBDModel
+from rapport.training.candidates import Estimator, family_of
 from rapport.training.config import GATE_METRICS, ModelConfig
 from rapport.training.datasets import (
     TrainingSplit,
@@ -39,21 +38,16 @@ from rapport.training.datasets import (
     split_rows,
 )
 from rapport.training.metrics import churn_metrics, value_metrics
-from rapport.training.models import (
-    DAYS_PER_WEEK,
-    BTYDFeatures,
-    ChurnModel,
-    LogisticBaseline,
-    ValueModel,
-    btyd_inputs,
-    input_columns,
-)
+from rapport.training.models import BTYDFeatures, input_columns
 from rapport.training.pyfunc import RapportModel
+from rapport.training.selection import (
+    Evaluation,
+    evaluate_candidates,
+    log_selection,
+    summary_lines,
+)
 from rapport.training.settings import TrainingSettings
 
-#: Metrics that only make sense for calibrated probabilities, dropped for rank-only scores.
-PROBABILITY_METRICS = ("brier", "log_loss", "ece")
-MODEL_NAME = "lightgbm"
 #: Rows MLflow looks at to type the logged data sets' columns.
 SCHEMA_ROWS = 10_000
 #: Key of the training frame's ``attrs`` holding the interaction pairs its features used.
@@ -67,111 +61,25 @@ def _quiet_step(_: str) -> Iterator[None]:
     yield
 
 
-@dataclass
-class Evaluation:
-    """A fitted model, its baselines' and its own test predictions and metrics."""
-
-    model: ChurnModel | ValueModel
-    y_test: np.ndarray
-    predictions: dict[str, np.ndarray]
-    metrics: dict[str, dict[str, float]]
-    valid_metrics: dict[str, float] = field(default_factory=dict)
-
-    def table(self) -> pd.DataFrame:
-        """Models as rows, metrics as columns (the model first)."""
-        return pd.DataFrame.from_dict(self.metrics, orient="index")
-
-
-def _rank_only(y: np.ndarray, score: np.ndarray) -> dict[str, float]:
-    """Churn metrics for a score that ranks but is not a probability."""
-    ranks = pd.Series(score).rank(method="average").to_numpy()
-    scaled = (ranks - 0.5) / len(ranks)
-    out = churn_metrics(y, scaled)
-    return {k: v for k, v in out.items() if k not in PROBABILITY_METRICS}
-
-
-#: Customers the Pareto/NBD baseline is fitted on (a seeded sample beyond that).
-PARETO_FIT_ROWS = 50_000
-
-
-def _pareto_nbd_rank(test: pd.DataFrame, horizon_days: int, *, seed: int) -> np.ndarray | None:
-    """Churn ranking score from Pareto/NBD: minus the expected purchases over the horizon.
-
-    Fitted, like the BG/NBD baseline, on the test cutoff's own history (a seeded sample of
-    :data:`PARETO_FIT_ROWS` customers: its gradient is numeric). A baseline that cannot be
-    fitted on some data (no repeat buyer, no convergence) is left out, not fatal.
-    """
-    rows = test if len(test) <= PARETO_FIT_ROWS else test.sample(PARETO_FIT_ROWS, random_state=seed)
-    try:
-        model = ParetoNBDModel().fit(*btyd_inputs(rows)[:3])
-    except (ValueError, ConvergenceError):
-        return None
-    freq, rec, age, _ = btyd_inputs(test)
-    expected = model.conditional_expected_purchases(horizon_days / DAYS_PER_WEEK, freq, rec, age)
-    return np.asarray(-expected, dtype=np.float64)
-
-
 def fit_and_evaluate(
     config: ModelConfig, train: pd.DataFrame, valid: pd.DataFrame, test: pd.DataFrame
 ) -> Evaluation:
-    """Fit the model and its baselines, and score all of them on the test rows.
+    """Fit LightGBM and the baseline families, select one on ``valid``, score all on ``test``.
 
-    Parameters
-    ----------
-    config
-        Model config (task, label, parameters).
-    train, valid, test
-        Feature rows with the label column ``config.label``; ``valid`` early-stops (and, for
-        churn, calibrates), ``test`` is scored once.
-
-    Returns
-    -------
-    Evaluation
-        Baselines: churn - ``logistic`` (log RFM), ``bgnbd`` (P(no purchase in the horizon))
-        ``bgnbd_rank`` (ranking by expected purchases) and ``pnbd_rank`` (the same with
-        Pareto/NBD, left out when it cannot be fitted on these rows); value - ``bgnbd_gg`` (expected
-        purchases x Gamma-Gamma spend). The BTYD baselines are fitted on the test cutoff's own
-        history, as the literature fits on the calibration period.
+    See :func:`rapport.training.selection.evaluate_candidates`: churn candidates are
+    ``lightgbm``, ``logistic`` (log RFM), ``bgnbd`` (P(no purchase in the horizon)) and
+    ``pnbd`` (1 - P(alive)), with the rank-only references ``bgnbd_rank`` and ``pnbd_rank``;
+    value candidates are ``lightgbm``, ``bgnbd_gg`` (expected purchases x Gamma-Gamma spend)
+    and ``two_part``. Every one is fitted on the training rows, so what is measured on test
+    is what would be registered and served.
     """
-    if config.label not in test.columns:
-        raise ValueError(f"test rows lack the label column {config.label!r}")
-    h = config.horizon_days
-    btyd = BTYDFeatures(h, seed=config.seed).fit(test).transform(test)
-    predictions: dict[str, np.ndarray] = {}
-    metrics: dict[str, dict[str, float]] = {}
-    if config.task == "churn":
-        churn = ChurnModel(config).fit(train, valid)
-        y = test[config.label].astype("int8").to_numpy()
-        predictions[MODEL_NAME] = churn.predict_proba(test)
-        predictions["logistic"] = LogisticBaseline(config.label).fit(train).predict_proba(test)
-        predictions["bgnbd"] = btyd[f"p_no_purchase_{h}d"].to_numpy()
-        for name, p in predictions.items():
-            metrics[name] = churn_metrics(y, np.clip(p, 0.0, 1.0))
-        rank_score = -btyd[f"expected_purchases_{h}d"].to_numpy()
-        predictions["bgnbd_rank"] = rank_score
-        metrics["bgnbd_rank"] = _rank_only(y, rank_score)
-        pareto = _pareto_nbd_rank(test, h, seed=config.seed)
-        if pareto is not None:
-            predictions["pnbd_rank"] = pareto
-            metrics["pnbd_rank"] = _rank_only(y, pareto)
-        valid_y = valid[config.label].astype("int8").to_numpy()
-        valid_metrics = churn_metrics(valid_y, churn.predict_proba(valid))
-        return Evaluation(churn, y, predictions, metrics, valid_metrics)
-    value = ValueModel(config).fit(train, valid)
-    y_value = test[config.label].to_numpy(dtype="float64")
-    predictions[MODEL_NAME] = value.predict(test)
-    predictions["bgnbd_gg"] = btyd[f"btyd_value_{h}d"].to_numpy()
-    for name, pred in predictions.items():
-        metrics[name] = value_metrics(y_value, pred)
-    valid_metrics = value_metrics(
-        valid[config.label].to_numpy(dtype="float64"), value.predict(valid)
-    )
-    return Evaluation(value, y_value, predictions, metrics, valid_metrics)
+    return evaluate_candidates(config, train, valid, test)
 
 
 def _figures(evaluation: Evaluation, task: str) -> dict[str, Any]:
     y, preds = evaluation.y_test, evaluation.predictions
-    importance = evaluation.model.feature_importance()
+    # the LightGBM model's gains, whichever family is selected: it is the one with many inputs
+    importance = evaluation.lightgbm.feature_importance()
     figures = {
         "feature_importance.png": plots.importance_plot(
             list(importance.index), importance.to_numpy()
@@ -215,7 +123,7 @@ def _flat_params(config: ModelConfig) -> dict[str, Any]:
     return flat
 
 
-def _input_example(model: ChurnModel | ValueModel, frame: pd.DataFrame) -> pd.DataFrame:
+def _input_example(model: Estimator, frame: pd.DataFrame) -> pd.DataFrame:
     """A few feature rows as ``build_features`` types them (categories sent as strings)."""
     example = frame[input_columns(model)].head(5).copy()
     for col in example.columns:
@@ -245,6 +153,10 @@ class TrainingResult:
     gate_reason: str
     metrics: pd.DataFrame
     split: TrainingSplit
+    #: The family registered (chosen on the validation rows).
+    selected: str = "lightgbm"
+    #: Lines for people: the selection, unusable baselines, the gain over the best baseline.
+    notes: tuple[str, ...] = ()
 
 
 def _score_with(config: ModelConfig) -> Callable[[Any, pd.DataFrame], float]:
@@ -260,7 +172,7 @@ def _score_with(config: ModelConfig) -> Callable[[Any, pd.DataFrame], float]:
 
 
 def _model_inputs(
-    model: ChurnModel | ValueModel, interactions: TableSource | None
+    model: Estimator, interactions: TableSource | None
 ) -> tuple[TableSource | None, tuple[tuple[str, str], ...] | None]:
     """The interactions and pinned ``(channel, event)`` pairs a trained model's features need.
 
@@ -292,7 +204,7 @@ def _champion_rows(
     with the run's labels: the same customers and targets, so the gate still compares like
     with like after a config changes the features.
     """
-    model = champion.model  # the pyfunc wrapper's ChurnModel or ValueModel
+    model = champion.model  # the pyfunc wrapper's model, of any family
     ix, pairs = _model_inputs(model, interactions)
     features = build_features(
         load_transactions(transactions),
@@ -460,52 +372,16 @@ def train(
                 config = _tuned(config, train_rows, valid_rows)
         with step(f"Fitting the {config.task} model and its baselines"):
             evaluation = fit_and_evaluate(config, train_rows, valid_rows, test_rows)
-        model = evaluation.model
         # Serving computes features from a posted history: it needs the interaction pairs
         # the model saw, not those that happen to be in one customer's events.
-        model.interaction_pairs_ = pairs
-        mlflow.log_metric("best_iteration", model.best_iteration_)
-        for name, values in evaluation.metrics.items():
-            prefix = "test_" if name == MODEL_NAME else f"baseline_{name}_test_"
-            mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in values.items()})
-        mlflow.log_metrics({f"valid_{k}": float(v) for k, v in evaluation.valid_metrics.items()})
-        with step("Logging plots and the model"):
+        evaluation.model.interaction_pairs_ = pairs
+        mlflow.log_metric("best_iteration", evaluation.lightgbm.best_iteration_)
+        log_selection(evaluation)
+        with step(f"Logging plots and the {evaluation.selected} model"):
             log_artifacts(evaluation, config)
-            example = _input_example(model, test_rows)
-            wrapped = RapportModel(model)
-            signature = infer_signature(example, wrapped.predict(None, example))
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=wrapped,
-                signature=signature,
-                input_example=example,
-                registered_model_name=config.registered_name,
-                pip_requirements=_requirements(),
-                metadata={
-                    "task": config.task,
-                    "horizon_days": config.horizon_days,
-                    "test_cutoff": str(split.test),
-                    "feature_names": model.feature_names_,
-                },
-            )
-        new_version = str(info.registered_model_version)
-        tracking.set_alias(config.registered_name, tracking.CHALLENGER, new_version)
-        with step("Comparing with the champion"):
-            champion_value, champion_version, note = tracking.champion_value_on(
-                config.registered_name,
-                test_rows,
-                _score_with(config),
-                rows_for=lambda champion: _champion_rows(
-                    champion, config, transactions, interactions, test_rows
-                ),
-            )
-            decision = tracking.decide(
-                config.gate,
-                evaluation.metrics[MODEL_NAME][config.gate.metric],
-                champion_value,
-                champion_version,
-                note,
-            )
+            new_version = _log_model(evaluation, config, test_rows, str(split.test))
+        with step("Comparing with the champion and the best baseline"):
+            decision = _gate(evaluation, config, transactions, interactions, test_rows)
         mlflow.set_tags({"rapport.gate": "pass" if decision.promote else "fail"})
         mlflow.log_text(decision.reason, "gate.txt")
         client = mlflow.MlflowClient()
@@ -513,7 +389,8 @@ def train(
         client.set_model_version_tag(
             config.registered_name, new_version, "test_cutoff", str(split.test)
         )
-        # The champion moves last: any failure above leaves it where it was.
+        # The aliases move last: any failure above leaves both where they were.
+        tracking.set_alias(config.registered_name, tracking.CHALLENGER, new_version)
         if decision.promote:
             tracking.set_alias(config.registered_name, tracking.CHAMPION, new_version)
         return TrainingResult(
@@ -524,7 +401,65 @@ def train(
             gate_reason=decision.reason,
             metrics=evaluation.table(),
             split=split,
+            selected=evaluation.selected,
+            notes=tuple(summary_lines(evaluation)),
         )
+
+
+def _log_model(
+    evaluation: Evaluation, config: ModelConfig, test_rows: pd.DataFrame, test_cutoff: str
+) -> str:
+    """Log and register the selected model through the pyfunc; the new version's number."""
+    model = evaluation.model
+    example = _input_example(model, test_rows)
+    wrapped = RapportModel(model)
+    signature = infer_signature(example, wrapped.predict(None, example))
+    info = mlflow.pyfunc.log_model(
+        name="model",
+        python_model=wrapped,
+        signature=signature,
+        input_example=example,
+        registered_model_name=config.registered_name,
+        pip_requirements=_requirements(),
+        metadata={
+            "task": config.task,
+            "family": family_of(model),
+            "horizon_days": config.horizon_days,
+            "test_cutoff": test_cutoff,
+            "feature_names": model.feature_names_,
+        },
+    )
+    return str(info.registered_model_version)
+
+
+def _gate(
+    evaluation: Evaluation,
+    config: ModelConfig,
+    transactions: TableSource,
+    interactions: TableSource | None,
+    test_rows: pd.DataFrame,
+) -> tracking.GateDecision:
+    """The gate's decision: the new version against the champion and the best baseline."""
+    champion_value, champion_version, note = tracking.champion_value_on(
+        config.registered_name,
+        test_rows,
+        _score_with(config),
+        rows_for=lambda champion: _champion_rows(
+            champion, config, transactions, interactions, test_rows
+        ),
+    )
+    metric = config.gate.metric
+    baseline = None
+    if evaluation.baseline is not None:
+        baseline = (evaluation.baseline, evaluation.metrics[evaluation.baseline][metric])
+    return tracking.decide(
+        config.gate,
+        evaluation.metrics.get(evaluation.selected, {}).get(metric, float("nan")),
+        champion_value,
+        champion_version,
+        note,
+        baseline=baseline,
+    )
 
 
 def _tuned(config: ModelConfig, train: pd.DataFrame, valid: pd.DataFrame) -> ModelConfig:
@@ -560,7 +495,7 @@ def log_artifacts(evaluation: Evaluation, config: ModelConfig) -> None:
         table = Path(tmp) / "metrics.csv"
         evaluation.table().to_csv(table)
         mlflow.log_artifact(str(table))
-    importance = evaluation.model.feature_importance()
+    importance = evaluation.lightgbm.feature_importance()
     mlflow.log_text(json.dumps(evaluation.model.feature_names_, indent=1), "features.json")
     mlflow.log_text(importance.to_csv(header=["gain"]), "feature_importance.csv")
 

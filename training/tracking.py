@@ -98,17 +98,26 @@ def decide(
     champion_value: float | None,
     champion_version: str | None = None,
     note: str = "",
+    baseline: tuple[str, float] | None = None,
 ) -> GateDecision:
-    """Apply the gate to the new model's and the champion's metric on the same test rows.
+    """Apply the gate to the new model's, the champion's and the best baseline's metric.
 
-    ``note`` (from :func:`champion_value_on`) is added to the reason. A champion that exists
+    All three are scored on the same test rows. The new version is promoted only when it
+    beats both the champion and ``baseline`` (``(name, value)``, the best baseline of the
+    run) by ``gate.min_improvement``; otherwise the reason names what beat it. ``note``
+    (from :func:`champion_value_on`) is added to the reason. A champion that exists
     (``champion_version``) but could not be scored (``champion_value`` None) is kept: nothing
     is promoted without a comparison.
     """
-    decision = _decide(gate, new_value, champion_value, champion_version)
+    decision = _decide(gate, new_value, champion_value, champion_version, baseline)
     if note:
         decision = dataclasses.replace(decision, reason=f"{decision.reason}; {note}")
     return decision
+
+
+def _beats(gate: GateConfig, new_value: float, other: float) -> bool:
+    margin = (1.0 if gate.higher_is_better else -1.0) * (new_value - other)
+    return margin > gate.min_improvement or (gate.min_improvement == 0 and margin >= 0)
 
 
 def _decide(
@@ -116,12 +125,14 @@ def _decide(
     new_value: float,
     champion_value: float | None,
     champion_version: str | None,
+    baseline: tuple[str, float] | None = None,
 ) -> GateDecision:
     metric = gate.metric
-    sign = 1.0 if gate.higher_is_better else -1.0
     if not math.isfinite(new_value):
         return GateDecision(False, f"{metric} is not finite", new_value)
-    if gate.min_value is not None and sign * (new_value - gate.min_value) < 0:
+    if gate.min_value is not None and not _beats(
+        gate.model_copy(update={"min_improvement": 0.0}), new_value, gate.min_value
+    ):
         bound = ">=" if gate.higher_is_better else "<="
         return GateDecision(
             False,
@@ -130,30 +141,37 @@ def _decide(
             champion_value,
             champion_version,
         )
+    failures: list[str] = []
+    passed: list[str] = []
     if champion_value is None and champion_version is not None:
-        return GateDecision(
-            False,
+        failures.append(
             f"{metric} {new_value:.4f}, but champion v{champion_version} could not be compared "
-            "on the same test cutoff, so it stays (compare, then `rapport promote` by hand)",
-            new_value,
-            None,
-            champion_version,
+            "on the same test cutoff, so it stays (compare, then `rapport promote` by hand)"
         )
-    if champion_value is None:
-        return GateDecision(True, f"no champion yet; {metric} {new_value:.4f}", new_value)
-    margin = sign * (new_value - champion_value)
-    if margin > gate.min_improvement or (gate.min_improvement == 0 and margin >= 0):
-        return GateDecision(
-            True,
-            f"{metric} {new_value:.4f} vs champion v{champion_version} {champion_value:.4f}",
-            new_value,
-            champion_value,
-            champion_version,
-        )
+    elif champion_value is not None:
+        against = f"champion v{champion_version} {champion_value:.4f}"
+        if _beats(gate, new_value, champion_value):
+            passed.append(against)
+        else:
+            failures.append(
+                f"{metric} {new_value:.4f} does not beat {against} by {gate.min_improvement}"
+            )
+    if baseline is not None:
+        name, value = baseline
+        against = f"baseline {name} {value:.4f}"
+        if _beats(gate, new_value, value):
+            passed.append(against)
+        else:
+            failures.append(
+                f"{metric} {new_value:.4f} does not beat {against} by {gate.min_improvement}"
+            )
+    if failures:
+        return GateDecision(False, "; ".join(failures), new_value, champion_value, champion_version)
+    first = "" if champion_version is not None else "no champion yet; "
+    versus = f" vs {' and '.join(passed)}" if passed else ""
     return GateDecision(
-        False,
-        f"{metric} {new_value:.4f} does not beat champion v{champion_version} "
-        f"{champion_value:.4f} by {gate.min_improvement}",
+        True,
+        f"{first}{metric} {new_value:.4f}{versus}",
         new_value,
         champion_value,
         champion_version,
