@@ -82,3 +82,37 @@ def test_loading_ignores_a_registry_set_earlier_in_the_process(served, tmp_path,
     assert isinstance(loaded.model, ChurnModel)
     assert loaded.version.version == "1"
     assert mlflow.get_registry_uri() == uri
+
+
+def test_any_family_serves_through_the_same_contract(served, state):
+    """A logistic churn model and a BG/NBD x Gamma-Gamma value model, registered through the
+    same pyfunc: the scorer calls their own prediction methods and matches the pyfunc."""
+    from rapport.serving.scoring import LoadedModel
+    from rapport.training.candidates import BTYDValueModel, LogisticChurnModel
+    from rapport.training.config import QUICK_OVERRIDES, load_config
+    from rapport.training.pyfunc import RapportModel
+
+    rows = served.snapshot.copy()
+    # any labels fit the contract check: churned if no purchase for 90 days, spend as given
+    rows["churned_90d"] = (rows["recency_days"] > 90).astype("int8")
+    rows["future_spend_180d"] = rows["total_spend"]
+    churn = LogisticChurnModel(load_config("churn", dict(QUICK_OVERRIDES))).fit(rows)
+    clv = load_config("clv", {**QUICK_OVERRIDES, "horizon_days": 180})
+    value = BTYDValueModel(clv).fit(rows)
+    version = state.scorer.churn_version
+    scorer = Scorer(LoadedModel(churn, version), LoadedModel(value, version))
+    scores = scorer.score_frame(served.snapshot, explain=3)
+    churn_out = RapportModel(churn).predict(None, served.snapshot)
+    value_out = RapportModel(value).predict(None, served.snapshot)
+    np.testing.assert_allclose(scores.churn_probability, churn_out["churn_probability"], rtol=1e-12)
+    assert (scores.risk_tier == churn_out["risk_tier"].to_numpy()).all()
+    np.testing.assert_allclose(scores.predicted_value, value_out["predicted_value"], rtol=1e-12)
+    np.testing.assert_allclose(scores.p_alive, value_out["p_alive"], rtol=1e-12)
+    # logistic reasons: the exact coefficient x standardised input, largest first
+    contrib = churn.contributions(served.snapshot.head(1)).drop(columns="_bias").iloc[0]
+    top = contrib.abs().nlargest(3)
+    assert [r.feature for r in scores.churn_reasons[0]] == list(top.index)
+    assert scores.churn_reasons[0][0].contribution == pytest.approx(contrib[top.index[0]])
+    # BG/NBD x Gamma-Gamma has no additive decomposition: no reasons, and it says why
+    assert scores.value_reasons == [[] for _ in range(len(served.snapshot))]
+    assert "no additive per-feature decomposition" in value.contributions_note
