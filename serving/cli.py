@@ -19,8 +19,10 @@ from rapport.features.build import build_features, build_labels, connect
 from rapport.features.cli import (
     DecimalCommaOpt,
     FormatOpt,
+    InteractionsOpt,
     IxColumnsOpt,
     IxFormatOpt,
+    TransactionsOpt,
     TxColumnsOpt,
     check_cutoffs_reach_purchases,
     console,
@@ -162,14 +164,12 @@ def demo(
         f"{train_settings.tracking_uri}` browses the runs."
     )
     serving = ServingSettings()
-    with step(f"Writing the serving snapshot (features as of {last_day})"):
-        snapshot = build_features(
-            summary.transactions_path, summary.interactions_path, as_of=[last_day], validate=False
-        )
-        write_parquet_atomic(snapshot, serving.snapshot_path)
     from rapport.serving.batch import score_batch, score_chunks
 
     scorer = _load_scorer(serving)
+    write_serving_snapshot(
+        summary.transactions_path, summary.interactions_path, last_day, scorer, serving
+    )
     with step("Scoring every customer"):
         scored = score_batch(
             score_chunks(
@@ -206,6 +206,47 @@ def _load_scorer(settings: ServingSettings) -> Scorer:
         console.print(f"[red]error:[/] {err}")
         raise typer.Exit(code=2) from err
     return Scorer(churn, value)
+
+
+def write_serving_snapshot(
+    transactions: Path | pd.DataFrame,
+    interactions: Path | pd.DataFrame | None,
+    as_of: dt.date,
+    scorer: Scorer,
+    settings: ServingSettings,
+    out: Path | None = None,
+) -> None:
+    """Write the snapshot the service scores by id, with the served models' features.
+
+    One path for ``rapport snapshot`` and ``rapport demo``; the file goes to ``out`` or
+    where the service reads it (``RAPPORT_SNAPSHOT``, default ``$RAPPORT_HOME/snapshot.parquet``).
+    """
+    from rapport.serving.core import write_snapshot
+
+    target = out or settings.snapshot_path
+    with step(f"Writing the serving snapshot (features as of {as_of})"):
+        written = run_or_exit(
+            lambda: write_snapshot(
+                transactions,
+                interactions,
+                as_of=as_of,
+                scorer=scorer,
+                out=target,
+                duckdb_threads=settings.duckdb_threads,
+                duckdb_memory_limit=settings.duckdb_memory_limit,
+            )
+        )
+    # soft wrap: a path broken over two lines does not paste back
+    console.print(
+        f"Snapshot of {written.customers:,} customers as of {written.as_of} -> {written.path}",
+        soft_wrap=True,
+    )
+    if target.resolve() != settings.snapshot_path.resolve():
+        console.print(
+            f"The service reads {settings.snapshot_path}; serve this file with "
+            f"RAPPORT_SNAPSHOT={target}",
+            soft_wrap=True,
+        )
 
 
 def curl_example(host: str, port: int) -> str:
@@ -404,6 +445,55 @@ def score(
         f"Scored {result.rows:,} customers as of {cutoff} in {result.seconds:.1f} s "
         f"({scorer.churn_version.label}, {scorer.value_version.label}) -> {result.out}{where}"
     )
+
+
+@app.command("snapshot")
+def snapshot(
+    transactions: TransactionsOpt,
+    as_of: Annotated[
+        str,
+        typer.Option(
+            "--as-of", help="Date YYYY-MM-DD of the features (a date includes its whole day)."
+        ),
+    ],
+    interactions: InteractionsOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Parquet file to write (default: where the service reads it, "
+            "RAPPORT_SNAPSHOT or $RAPPORT_HOME/snapshot.parquet).",
+        ),
+    ] = None,
+    churn_model: ChurnModelOpt = None,
+    clv_model: ClvModelOpt = None,
+    alias: AliasOpt = None,
+    tx_columns: TxColumnsOpt = "",
+    ix_columns: IxColumnsOpt = "",
+    timestamp_format: FormatOpt = None,
+    ix_timestamp_format: IxFormatOpt = None,
+    decimal_comma: DecimalCommaOpt = False,
+) -> None:
+    """Write the feature snapshot that `rapport serve` scores customers by id from.
+
+    Each customer's features as of a date, built from your data with the windows and
+    interaction pairs the served models were trained with.
+    """
+    settings = _settings(churn_model=churn_model, clv_model=clv_model, model_alias=alias)
+    day = _parse_day(as_of)
+    scorer = _load_scorer(settings)
+    inputs = open_inputs(
+        transactions,
+        interactions,
+        tx_columns=tx_columns,
+        ix_columns=ix_columns,
+        timestamp_format=timestamp_format,
+        ix_timestamp_format=ix_timestamp_format,
+        decimal_comma=decimal_comma,
+    )
+    run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, [day]))
+    write_serving_snapshot(inputs.transactions, inputs.interactions, day, scorer, settings, out)
 
 
 def _parse_day(text: str) -> dt.date:

@@ -4,6 +4,8 @@
 exact versions a Bento pins) and the feature snapshot, and answers the three scoring
 requests. The HTTP layer (:mod:`rapport.serving.api`) only maps its exceptions to status
 codes, so the same code runs in the BentoML service, in a bare FastAPI app and in tests.
+:func:`write_snapshot` writes that snapshot from a user's data with the served models'
+feature set (``rapport snapshot``, ``rapport demo``).
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ import datetime as dt
 import gc
 import logging
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from rapport.features.build import build_features, connect
-from rapport.features.contracts import DataValidationError
+from rapport.features.build import build_features, connect, iter_features, write_features
+from rapport.features.contracts import DataValidationError, TableSource
 from rapport.features.segments import SCORED_FEATURES, scores_against
 from rapport.serving import schemas as s
 from rapport.serving.scoring import LoadedModel, ModelVersion, Scorer, load_pyfunc_dir
@@ -119,6 +123,113 @@ class FeatureSnapshot:
         return self.frame.loc[as_of == as_of.max(), needed]
 
 
+@dataclass(frozen=True)
+class SnapshotSummary:
+    """What :func:`write_snapshot` wrote."""
+
+    path: Path
+    customers: int
+    as_of: dt.date
+
+
+def write_snapshot(
+    transactions: TableSource,
+    interactions: TableSource | None,
+    *,
+    as_of: dt.date,
+    scorer: Scorer,
+    out: Path,
+    validate: bool = False,
+    duckdb_threads: int | None = None,
+    duckdb_memory_limit: str | None = None,
+) -> SnapshotSummary:
+    """Write each customer's features as of ``as_of``: the snapshot the service scores by id.
+
+    The features are built with the served models' windows and interaction pairs, so every
+    column the models read is there whatever else the data holds. The file appears only when
+    complete (a temporary file is renamed); on any error nothing is written.
+
+    Parameters
+    ----------
+    transactions, interactions
+        The event tables (paths or frames; see :mod:`rapport.features.contracts`).
+    as_of
+        The cutoff: features use events up to the end of that day.
+    scorer
+        The served models, whose feature set the snapshot carries.
+    out
+        The Parquet file to write (the service reads ``ServingSettings.snapshot_path``).
+    validate
+        Validate raw inputs (frames from the loaders and contract Parquet need not be).
+
+    Raises
+    ------
+    ValueError
+        When no customer has a purchase by ``as_of``, or the data cannot give a feature
+        the models need (interaction features without interactions).
+    """
+    con = connect(threads=duckdb_threads, memory_limit=duckdb_memory_limit)
+    try:
+        frames = iter_features(
+            transactions,
+            interactions,
+            as_of=[as_of],
+            windows=scorer.windows,
+            interaction_pairs=scorer.interaction_pairs,
+            validate=validate,
+            connection=con,
+        )
+        hint = " (the models read interactions: give that file too)" if interactions is None else ""
+        rows, _ = write_features(_with_model_inputs(frames, scorer, as_of, hint), out)
+    finally:
+        con.close()
+    return SnapshotSummary(path=out, customers=rows, as_of=as_of)
+
+
+def _with_model_inputs(
+    frames: Iterator[pd.DataFrame], scorer: Scorer, as_of: dt.date, hint: str
+) -> Iterator[pd.DataFrame]:
+    """Pass feature batches on; refuse an empty one, or one lacking a model input."""
+    for frame in frames:
+        if frame.empty:
+            raise ValueError(f"no customer has a purchase on or before {as_of}")
+        missing = missing_inputs(frame.columns, scorer)
+        if missing:
+            raise ValueError(
+                f"the served models need features this data does not give: {_some(missing)}{hint}"
+            )
+        yield frame
+
+
+def missing_inputs(columns: Any, scorer: Scorer) -> list[str]:
+    """The model input columns that ``columns`` lacks, in the models' order."""
+    have = set(columns)
+    return [c for c in scorer.inputs if c not in have]
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def snapshot_age_days(as_of: dt.date | None, today: dt.date | None = None) -> int | None:
+    """Days from a snapshot's as-of date to today (UTC); None without a date."""
+    return None if as_of is None else ((today or _today()) - as_of).days
+
+
+def snapshot_staleness(
+    as_of: dt.date | None, max_age_days: int, today: dt.date | None = None
+) -> str | None:
+    """Why a snapshot of ``as_of`` is stale, or None while it is within ``max_age_days``."""
+    age = snapshot_age_days(as_of, today)
+    if age is None or age <= max_age_days:
+        return None
+    return (
+        f"is as of {as_of}, {age} days ago (more than RAPPORT_SNAPSHOT_MAX_AGE_DAYS="
+        f"{max_age_days}): scores by id describe customers as they were then"
+    )
+
+
 def load_models(settings: ServingSettings) -> tuple[LoadedModel, LoadedModel]:
     """The churn and value models: the Bento's pinned ones, else the registry's alias."""
     if settings.churn_bento_model and settings.clv_bento_model:
@@ -163,6 +274,8 @@ class ServiceState:
         self.snapshot: FeatureSnapshot | None = None
         self.reference: pd.DataFrame | None = None
         self.error: str | None = None
+        #: What start-up found wrong short of failing: no, an incomplete or a stale snapshot.
+        self.warnings: list[str] = []
         self._loaded = threading.Event()
         self._duckdb_lock = threading.Lock()
         self._con: Any = None
@@ -174,13 +287,7 @@ class ServiceState:
         try:
             churn, value = load_models(self.settings)
             scorer = Scorer(churn, value)
-            path = self.settings.snapshot_path
-            if path.exists():
-                frame = pd.read_parquet(path)
-                self.snapshot = FeatureSnapshot.from_frame(frame, scorer, str(path))
-                self.reference = self.snapshot.reference()
-            else:
-                log.warning("no feature snapshot at %s: scoring by id answers 'unknown'", path)
+            self._load_snapshot(scorer)
             self.scorer = scorer
             # Everything loaded so far (MLflow, pandas, the models: millions of objects) lives
             # as long as the process. Frozen, it leaves the collector's scans, which otherwise
@@ -193,6 +300,40 @@ class ServiceState:
         finally:
             self._loaded.set()
         return self
+
+    def _load_snapshot(self, scorer: Scorer) -> None:
+        """Load the snapshot if it is there and complete; say what is wrong with it if not.
+
+        Scoring posted rows and histories needs no snapshot, so a missing, unreadable or
+        incomplete one leaves scoring by id without it rather than the service down.
+        """
+        path = self.settings.snapshot_path
+        fix = "write one with `rapport snapshot`"
+        if not path.exists():
+            self._warn(f"no feature snapshot at {path}: scoring by id finds nobody; {fix}")
+            return
+        try:
+            frame = pd.read_parquet(path)
+            missing = missing_inputs(frame.columns, scorer)
+            if missing:
+                self._warn(
+                    f"feature snapshot {path} lacks {len(missing)} feature(s) the served "
+                    f"models need ({_some(missing)}): not loaded, scoring by id finds "
+                    f"nobody; {fix} (it builds the models' features)"
+                )
+                return
+            self.snapshot = FeatureSnapshot.from_frame(frame, scorer, str(path))
+        except Exception as err:
+            self._warn(f"feature snapshot {path} not loaded: {type(err).__name__}: {err}")
+            return
+        self.reference = self.snapshot.reference()
+        stale = snapshot_staleness(self.snapshot.latest, self.settings.snapshot_max_age_days)
+        if stale:
+            self._warn(f"feature snapshot {path} {stale}; refresh it with `rapport snapshot`")
+
+    def _warn(self, message: str) -> None:
+        self.warnings.append(message)
+        log.warning("%s", message)
 
     def load_in_background(self) -> threading.Thread:
         """Start loading on a thread; :attr:`ready` turns true when done."""
@@ -464,10 +605,17 @@ class ServiceState:
             inputs=scorer.inputs if scorer else [],
             categorical=sorted(scorer.categorical) if scorer else [],
             snapshot=(
-                s.SnapshotInfo(path=snap.path, as_of=snap.latest, customers=len(snap.index))
+                s.SnapshotInfo(
+                    path=snap.path,
+                    as_of=snap.latest,
+                    customers=len(snap.index),
+                    age_days=snapshot_age_days(snap.latest),
+                    max_age_days=self.settings.snapshot_max_age_days,
+                )
                 if snap is not None
                 else None
             ),
+            warnings=list(self.warnings),
             max_batch=self.settings.max_batch,
             max_events=self.settings.max_events,
             currency=self.settings.currency,

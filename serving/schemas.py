@@ -209,6 +209,13 @@ class SnapshotInfo(BaseModel):
     path: str | None
     as_of: dt.date | None
     customers: int
+    age_days: int | None = Field(
+        default=None, description="Days from the snapshot's as-of date to today (UTC)."
+    )
+    max_age_days: int | None = Field(
+        default=None,
+        description="Age past which it counts as stale (RAPPORT_SNAPSHOT_MAX_AGE_DAYS).",
+    )
 
 
 class ServiceInfo(BaseModel):
@@ -220,6 +227,11 @@ class ServiceInfo(BaseModel):
     inputs: list[str] = Field(description="Feature fields a row must carry.")
     categorical: list[str] = Field(description="Of those, the text ones.")
     snapshot: SnapshotInfo | None
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="What start-up found wrong short of failing: no snapshot, a snapshot "
+        "lacking features the models need, or one older than its maximum age.",
+    )
     max_batch: int
     max_events: int
     currency: str

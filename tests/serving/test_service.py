@@ -174,6 +174,36 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
+def _wait_ready(proc: subprocess.Popen, url: str, seconds: float = 120) -> int:
+    """Poll ``url`` until it answers 200, the process dies, or the deadline passes.
+
+    The deadline is generous: a cold start imports MLflow and LightGBM.
+    """
+    status, deadline = 0, time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        status, _ = _get(url, timeout=1)
+        if status == 200:
+            break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=0.2)  # returns at once if the server dies
+    return status
+
+
+def _running(process) -> bool:
+    import psutil
+
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.mark.slow
 def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
     rapport = shutil.which("rapport", path=str(Path(sys.executable).parent))
@@ -202,13 +232,7 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        status, deadline = 0, time.monotonic() + 120  # a cold start imports MLflow, LightGBM
-        while time.monotonic() < deadline and proc.poll() is None:
-            status, _ = _get(f"{base}/readyz", timeout=1)
-            if status == 200:
-                break
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(timeout=0.2)  # returns at once if the server dies
+        status = _wait_ready(proc, f"{base}/readyz")
         assert status == 200, f"server not ready (exit code {proc.poll()})"
         status, info = _post(f"{base}/v1/score/by-id", {"customer_ids": ["1", "nobody"]})
         assert status == 200, info
@@ -227,6 +251,8 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
         )
         _, raw = _get(f"{base}/v1/info")
         models = json.loads(raw)["models"]
+        # The snapshot (as of 2024-12-31) is older than RAPPORT_SNAPSHOT_MAX_AGE_DAYS' 7 days.
+        assert "days ago" in " ".join(json.loads(raw)["warnings"])
         assert [(m["name"], m["version"]) for m in models] == [
             ("rapport-churn", "1"),
             ("rapport-clv", "1"),
@@ -243,41 +269,25 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _wait_ready(proc: subprocess.Popen, url: str, seconds: float = 120) -> int:
-    """Poll ``url`` until it answers 200, the process dies, or the deadline passes."""
-    status, deadline = 0, time.monotonic() + seconds
-    while time.monotonic() < deadline and proc.poll() is None:
-        status, _ = _get(url, timeout=1)
-        if status == 200:
-            break
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=0.2)  # returns at once if the server dies
-    return status
-
-
-def _answers(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_stops_the_whole_server_on_a_signal(served, signum):
+def test_serve_stops_the_whole_server_on_a_signal(served, signum, tmp_path):
     """`rapport serve` passes the signal to `bentoml serve` and its workers, and waits."""
     import psutil
 
     rapport = shutil.which("rapport", path=str(Path(sys.executable).parent))
     assert rapport, "the rapport console script is not installed"
     port = _free_port()
+    log = tmp_path / "serve.log"
     # Its own session, as a shell would start it: the signal goes to `rapport serve` alone.
-    proc = subprocess.Popen(
-        [rapport, "serve", "--registry", "--port", str(port)],
-        env=_env(served),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [rapport, "serve", "--registry", "--port", str(port)],
+            env=_env(served),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         status = _wait_ready(proc, f"http://127.0.0.1:{port}/readyz")
         assert status == 200, f"server not ready (exit code {proc.poll()})"
@@ -285,9 +295,11 @@ def test_serve_stops_the_whole_server_on_a_signal(served, signum):
         assert len(children) >= 2  # `bentoml serve` and its worker
         os.kill(proc.pid, signum)
         assert proc.wait(timeout=60) == 0
-        alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+        alive = [c for c in children if _running(c)]
         assert alive == [], [c.cmdline() for c in alive]
         assert not _answers(port)
+        # The service said at start that the snapshot (as of 2024-12-31) is stale.
+        assert "RAPPORT_SNAPSHOT_MAX_AGE_DAYS=7" in log.read_text()
     finally:
         # Whatever is left (the old behaviour), so that it does not outlive the test.
         with contextlib.suppress(ProcessLookupError):
