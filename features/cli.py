@@ -245,6 +245,22 @@ MissingIdsOpt = Annotated[
         "(counted, with their amount).",
     ),
 ]
+DayFirstOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--dayfirst/--monthfirst",
+        help="Read dates such as 04/03/2025 day first (4 March) or month first (April 3). "
+        "Default: as the values show (13/01/2025), else refused.",
+    ),
+]
+EncodingOpt = Annotated[
+    str,
+    typer.Option(
+        "--encoding",
+        help="Text encoding of CSV files: utf-8 (a byte-order mark is read as such), "
+        "latin-1, cp1252, ...",
+    ),
+]
 CurrencyOpt = Annotated[
     str | None,
     typer.Option(
@@ -268,6 +284,8 @@ def load_inputs(
     duplicates: str = "drop",
     missing_ids: str = "error",
     currency: str | None = None,
+    dayfirst: bool | None = None,
+    encoding: str = "utf-8",
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """Load and validate the event tables as the options say, with progress; exit 2 on errors.
 
@@ -282,6 +300,8 @@ def load_inputs(
         duplicates=DuplicatesChoice(duplicates).value,
         missing_ids=MissingIdsChoice(missing_ids).value,
         currency=currency,
+        dayfirst=dayfirst,
+        encoding=encoding,
     )
     with step(f"Loading transactions from {transactions}"):
         tx = run_or_exit(lambda: load_transactions(transactions, tx_options))
@@ -335,11 +355,20 @@ class ReadOptions(TypedDict, total=False):
     duplicates: str
     missing_ids: str
     currency: str | None
+    dayfirst: bool | None
+    encoding: str
 
 
 #: Options that change how a file's rows are read (the others are policies for bad rows,
 #: which a file Rapport wrote in its contract cannot have, and the currency's name).
-_READING = ("tx_columns", "ix_columns", "timestamp_format", "ix_timestamp_format", "decimal_comma")
+_READING = (
+    "tx_columns",
+    "ix_columns",
+    "timestamp_format",
+    "ix_timestamp_format",
+    "decimal_comma",
+    "dayfirst",
+)
 
 
 def open_inputs(
@@ -434,6 +463,8 @@ def features_build(
     duplicates: DuplicatesOpt = DuplicatesChoice.drop,
     missing_ids: MissingIdsOpt = MissingIdsChoice.error,
     currency: CurrencyOpt = None,
+    dayfirst: DayFirstOpt = None,
+    encoding: EncodingOpt = "utf-8",
     cutoff_batch: Annotated[
         int | None,
         typer.Option(
@@ -460,6 +491,8 @@ def features_build(
         duplicates=duplicates.value,
         missing_ids=missing_ids.value,
         currency=currency,
+        dayfirst=dayfirst,
+        encoding=encoding,
     )
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
@@ -499,6 +532,8 @@ def features_labels(
     duplicates: DuplicatesOpt = DuplicatesChoice.drop,
     missing_ids: MissingIdsOpt = MissingIdsChoice.error,
     currency: CurrencyOpt = None,
+    dayfirst: DayFirstOpt = None,
+    encoding: EncodingOpt = "utf-8",
 ) -> None:
     """Build churn / future-spend labels for a horizon after each cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
@@ -511,6 +546,8 @@ def features_labels(
         duplicates=duplicates.value,
         missing_ids=missing_ids.value,
         currency=currency,
+        dayfirst=dayfirst,
+        encoding=encoding,
     )
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):

@@ -36,13 +36,10 @@ from rapport.features.column_map import (
     is_expression,
     parse_column_map,
 )
+from rapport.features.errors import DataValidationError
 from rapport.features.load_report import ATTRS_KEY, Dropped, LoadReport
-
-TableKind = Literal["transactions", "interactions"]
-TableSource = pd.DataFrame | str | os.PathLike[str]
-
-#: How many offending rows an error message shows.
-SHOWN_ROWS = 5
+from rapport.features.parsing import to_amount, to_label, to_utc_naive
+from rapport.features.reading import TableKind, TableSource, read_table
 
 
 @dataclass(frozen=True)
@@ -64,84 +61,12 @@ INTERACTIONS = TableSchema("interactions", ("customer_id", "timestamp", "channel
 SCHEMAS: dict[TableKind, TableSchema] = {"transactions": TRANSACTIONS, "interactions": INTERACTIONS}
 
 
-class DataValidationError(ValueError):
-    """Input data break the contract; the message names the table, column and first rows."""
-
-    def __init__(
-        self,
-        table: str,
-        column: str | None,
-        problem: str,
-        rows: pd.DataFrame | None = None,
-    ) -> None:
-        self.table = table
-        self.column = column
-        self.problem = problem
-        self.rows = rows
-        where = f"{table}: column '{column}'" if column else table
-        message = f"{where}: {problem}"
-        if rows is not None and len(rows):
-            shown = rows.head(SHOWN_ROWS)
-            message += (
-                f"\nfirst offending rows ({len(shown)} of {len(rows):,}, "
-                f"index is the row number in the input):\n{shown.to_string()}"
-            )
-        super().__init__(message)
-
-
 class RowsDroppedWarning(UserWarning):
     """Rows were dropped on load (exact duplicates, rows without an id); counted in the text."""
 
 
 #: The former name, for code that filters on it.
 DuplicateRowsWarning = RowsDroppedWarning
-
-
-def read_table(
-    source: TableSource, *, kind: TableKind = "transactions", text_columns: tuple[str, ...] = ()
-) -> pd.DataFrame:
-    """Read a CSV (optionally compressed), Parquet file or folder, or pass a DataFrame through.
-
-    Parameters
-    ----------
-    source
-        A DataFrame (returned as is, not copied) or a path. ``.parquet``/``.pq`` files and
-        folders are read as Parquet; ``.csv``, ``.txt``, ``.tsv`` (and their ``.gz``/``.zip``
-        forms) as delimited text, the delimiter sniffed.
-    kind
-        Which table this is, for error messages.
-    text_columns
-        Columns a delimited file holds as text whatever they look like: ids (``007`` and
-        ``7`` are two customers; a column with a blank id stays text, not float).
-
-    Returns
-    -------
-    pandas.DataFrame
-        The raw table, columns as the source names them.
-    """
-    if isinstance(source, pd.DataFrame):
-        return source
-    path = Path(source)
-    if not path.exists():
-        raise DataValidationError(kind, None, f"file not found: {path}")
-    suffixes = [s.lower() for s in path.suffixes]
-    if path.is_dir() or (suffixes and suffixes[-1] in (".parquet", ".pq")):
-        return pd.read_parquet(path)
-    stem_suffixes = [s for s in suffixes if s not in (".gz", ".zip", ".bz2", ".xz", ".zst")]
-    if stem_suffixes and stem_suffixes[-1] in (".csv", ".txt", ".tsv"):
-        sep = "\t" if stem_suffixes[-1] == ".tsv" else None
-        # sep=None sniffs the delimiter (comma, semicolon, ...) with the python engine;
-        # utf-8-sig reads a byte-order mark as one, not as part of the first column's name.
-        return pd.read_csv(
-            path,
-            sep=sep,
-            engine="python" if sep is None else "c",
-            encoding="utf-8-sig",
-            dtype={column: "string" for column in text_columns},
-        )
-    raise DataValidationError(
-        kind, None, f"cannot read {path.name}: expected .csv, .tsv, .txt or .parquet"
-    )
 
 
 def _contract_columns(
@@ -188,98 +113,6 @@ def _check_not_null(df: pd.DataFrame, kind: str, column: str) -> None:
         )
 
 
-def _to_utc_naive(df: pd.DataFrame, kind: str, timestamp_format: str | None) -> pd.Series:
-    """Parse ``timestamp`` into timezone-free UTC ``datetime64[us]``."""
-    raw = df["timestamp"]
-    if isinstance(raw.dtype, pd.DatetimeTZDtype):
-        parsed = raw.dt.tz_convert("UTC").dt.tz_localize(None)
-    elif pd.api.types.is_datetime64_dtype(raw.dtype):
-        parsed = raw
-    else:
-        if pd.api.types.is_numeric_dtype(raw.dtype) and timestamp_format is None:
-            raise DataValidationError(
-                kind,
-                "timestamp",
-                "numeric timestamps are ambiguous (epoch seconds? 19970101?); "
-                "convert them first or pass a timestamp format such as '%Y%m%d'",
-                df.head(SHOWN_ROWS),
-            )
-        values = raw.astype("string") if timestamp_format is not None else raw
-        parsed = pd.to_datetime(values, errors="coerce", utc=True, format=timestamp_format)
-        bad = (parsed.isna() & raw.notna()).to_numpy()
-        if bad.any() and timestamp_format is None:
-            # pandas infers one format from the first value; exports often mix dates and
-            # datetimes, so parse the misfits one by one before calling them unparsable.
-            parsed.loc[bad] = pd.to_datetime(raw[bad], errors="coerce", utc=True, format="mixed")
-            bad = (parsed.isna() & raw.notna()).to_numpy()
-        parsed = parsed.dt.tz_localize(None)
-        if bad.any():
-            hint = (
-                f" with the format {timestamp_format!r}"
-                if timestamp_format
-                else " (pass a timestamp format if they are valid)"
-            )
-            raise DataValidationError(
-                kind,
-                "timestamp",
-                f"{int(bad.sum()):,} value(s) could not be parsed as a date or datetime{hint}",
-                df.loc[bad],
-            )
-    return parsed.astype("datetime64[us]")
-
-
-def _to_amount(df: pd.DataFrame, kind: str, decimal: str = ".") -> pd.Series:
-    raw = df["amount"]
-    if pd.api.types.is_bool_dtype(raw.dtype):
-        raise DataValidationError(kind, "amount", "boolean values are not amounts", df.head())
-    if pd.api.types.is_numeric_dtype(raw.dtype):
-        amount = raw.astype("float64")
-    else:
-        # Decimal objects and numeric strings both land as float64 here: sums must never be
-        # accumulated as Python Decimal objects.
-        text = raw
-        if decimal == ",":
-            # 1.234,50 -> 1234.50; only this column: a CSV reader's decimal and thousands
-            # options would also turn ids and dd.mm.yyyy dates into numbers
-            text = raw.astype("string").str.replace(".", "", regex=False)
-            text = text.str.replace(",", ".", regex=False)
-        elif decimal != ".":
-            raise ValueError(f"decimal must be '.' or ',', got {decimal!r}")
-        amount = pd.to_numeric(text, errors="coerce").astype("float64")
-        bad = (amount.isna() & raw.notna()).to_numpy()
-        if bad.any():
-            commas = decimal == "." and raw[bad].astype("string").str.contains(",").any()
-            hint = " (a decimal comma? pass decimal=',' / --decimal-comma)" if commas else ""
-            raise DataValidationError(
-                kind, "amount", f"{int(bad.sum()):,} non-numeric value(s){hint}", df.loc[bad]
-            )
-    nonfinite = ~np.isfinite(amount.to_numpy(na_value=0.0))
-    if nonfinite.any():
-        raise DataValidationError(
-            kind, "amount", f"{int(nonfinite.sum()):,} infinite value(s)", df.loc[nonfinite]
-        )
-    return amount
-
-
-def _to_label(df: pd.DataFrame, column: str) -> pd.Series:
-    """Lower-case, stripped, categorical text (channel and event names).
-
-    The text is cleaned once per distinct value and the row codes remapped: cleaning 12.6M
-    strings row by row took 3.7 s.
-    """
-    values = df[column]
-    if not isinstance(values.dtype, pd.CategoricalDtype):
-        values = values.astype("category")
-    names = pd.Index(values.cat.categories.astype("string")).str.strip().str.lower()
-    # cleaning can merge categories ("Email" and "email "): factorize the cleaned names
-    remap, merged = pd.factorize(names)
-    codes = values.cat.codes.to_numpy()
-    cleaned = pd.Categorical.from_codes(
-        np.where(codes >= 0, remap[codes], -1), categories=pd.Index(merged, dtype="string")
-    )
-    return pd.Series(cleaned, index=df.index, name=column)
-
-
 def _duplicated(frame: pd.DataFrame) -> np.ndarray:
     """``frame.duplicated(keep="first")`` as a boolean array, exact, through a row hash first.
 
@@ -323,6 +156,12 @@ class LoadOptions:
         Rows without a customer id: ``"error"`` or ``"drop"`` (reported with their amount).
     currency
         The data's currency code, for reports.
+    dayfirst
+        Read ``01/02/2025`` as 1 February (True) or 2 January (False); None refuses dates
+        whose order of day and month no value shows.
+    encoding
+        The text encoding of delimited files (``utf-8``, with or without a byte-order mark,
+        by default; ``latin-1``, ``cp1252``, ...).
     """
 
     columns: str | Mapping[str, str] | None = None
@@ -331,6 +170,8 @@ class LoadOptions:
     duplicates: DuplicatePolicy = "drop"
     missing_ids: MissingIdPolicy = "error"
     currency: str | None = None
+    dayfirst: bool | None = None
+    encoding: str = "utf-8"
 
 
 def _missing_ids(ids: pd.Series) -> np.ndarray:
@@ -471,16 +312,18 @@ def validate_table(
         _check_not_null(mapped, table, column)
     out: dict[str, pd.Series] = {
         "customer_id": mapped["customer_id"],
-        "timestamp": _to_utc_naive(mapped, table, options.timestamp_format),
+        "timestamp": to_utc_naive(
+            mapped, table, options.timestamp_format, dayfirst=options.dayfirst
+        ),
     }
     amount = None
     if kind == "transactions":
-        amount = out["amount"] = _to_amount(mapped, table, options.decimal)
+        amount = out["amount"] = to_amount(mapped, table, options.decimal)
         if "order_id" in mapped.columns:
             out["order_id"] = mapped["order_id"]
     else:
-        out["channel"] = _to_label(mapped, "channel")
-        out["event"] = _to_label(mapped, "event")
+        out["channel"] = to_label(mapped, "channel")
+        out["event"] = to_label(mapped, "event")
     drop, drops, duplicates_kept = _rows_to_drop(df, mapped, amount, options, table)
     clean = pd.DataFrame(out, index=df.index).loc[~drop]
     rows_kept_lines = len(clean)
@@ -533,11 +376,12 @@ def _load(
 ) -> pd.DataFrame:
     if isinstance(source, pd.DataFrame) and is_validated(source, kind) and not kwargs:
         return source
+    options = replace(options or LoadOptions(), **kwargs)
     name = None if isinstance(source, pd.DataFrame) else Path(source).name
-    mapping = parse_column_map(kwargs.get("columns", options.columns if options else None))
+    mapping = parse_column_map(options.columns)
     ids = [mapping.get(c, c) for c in ("customer_id", "order_id")]
-    raw = read_table(source, kind=kind, text_columns=tuple(ids))
-    return validate_table(raw, kind, options, name=name, **kwargs)
+    raw = read_table(source, kind=kind, text_columns=tuple(ids), encoding=options.encoding)
+    return validate_table(raw, kind, options, name=name)
 
 
 def is_validated(df: pd.DataFrame, kind: TableKind) -> bool:

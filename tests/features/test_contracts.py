@@ -12,12 +12,12 @@ from rapport.features.contracts import (
     DataValidationError,
     DuplicateRowsWarning,
     _duplicated,
-    _to_label,
     load_interactions,
     load_transactions,
     parse_column_map,
     validate_table,
 )
+from rapport.features.parsing import to_label
 
 
 def raw_tx(**overrides) -> pd.DataFrame:
@@ -110,13 +110,13 @@ def test_row_hash_duplicates_equal_pandas_duplicated(rows):
     # pandas' own duplicated(keep="first"), including equal labels spelled differently
     frame = pd.DataFrame(rows, columns=["customer_id", "day", "amount", "channel"])
     frame["timestamp"] = pd.Timestamp("2024-01-01") + pd.to_timedelta(frame.pop("day"), "D")
-    frame["channel"] = _to_label(frame, "channel")
+    frame["channel"] = to_label(frame, "channel")
     assert _duplicated(frame).tolist() == frame.duplicated(keep="first").tolist()
 
 
 def test_labels_are_cleaned_per_category_and_merged():
     raw = pd.DataFrame({"channel": pd.Categorical(["Email", "email ", "Web", "email"])})
-    cleaned = _to_label(raw, "channel")
+    cleaned = to_label(raw, "channel")
     assert cleaned.tolist() == ["email", "email", "web", "email"]
     assert list(cleaned.cat.categories) == ["email", "web"]
 
