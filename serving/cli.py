@@ -17,11 +17,16 @@ import typer
 
 from rapport.features.build import build_features, build_labels, connect
 from rapport.features.cli import (
+    CurrencyOpt,
     DecimalCommaOpt,
+    DuplicatesChoice,
+    DuplicatesOpt,
     FormatOpt,
     InteractionsOpt,
     IxColumnsOpt,
     IxFormatOpt,
+    MissingIdsChoice,
+    MissingIdsOpt,
     TransactionsOpt,
     TxColumnsOpt,
     check_cutoffs_reach_purchases,
@@ -398,6 +403,9 @@ def score(
     timestamp_format: FormatOpt = None,
     ix_timestamp_format: IxFormatOpt = None,
     decimal_comma: DecimalCommaOpt = False,
+    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
+    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
+    currency: CurrencyOpt = None,
 ) -> None:
     """Score every customer with the champion models as of a date, in chunks, to Parquet."""
     from rapport.serving.batch import score_batch, score_chunks
@@ -422,6 +430,9 @@ def score(
         timestamp_format=timestamp_format,
         ix_timestamp_format=ix_timestamp_format,
         decimal_comma=decimal_comma,
+        duplicates=duplicates.value,
+        missing_ids=missing_ids.value,
+        currency=currency,
     )
     cutoff = given_day or inputs.last_day or dt.date.today()
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, [cutoff]))
@@ -474,6 +485,9 @@ def snapshot(
     timestamp_format: FormatOpt = None,
     ix_timestamp_format: IxFormatOpt = None,
     decimal_comma: DecimalCommaOpt = False,
+    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
+    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
+    currency: CurrencyOpt = None,
 ) -> None:
     """Write the feature snapshot that `rapport serve` scores customers by id from.
 
@@ -491,6 +505,9 @@ def snapshot(
         timestamp_format=timestamp_format,
         ix_timestamp_format=ix_timestamp_format,
         decimal_comma=decimal_comma,
+        duplicates=duplicates.value,
+        missing_ids=missing_ids.value,
+        currency=currency,
     )
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, [day]))
     write_serving_snapshot(inputs.transactions, inputs.interactions, day, scorer, settings, out)

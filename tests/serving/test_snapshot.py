@@ -31,6 +31,8 @@ def user_files(served, tmp_path_factory) -> tuple[Path, Path, list[int]]:
     tx.rename(columns={"customer_id": "Kunde", "timestamp": "Datum", "amount": "Betrag"}).to_csv(
         folder / "umsatz.csv", sep=";", decimal=",", date_format="%d.%m.%Y %H:%M:%S", index=False
     )
+    with (folder / "umsatz.csv").open("a") as f:
+        f.write(";15.06.2024 12:00:00;5,00;999999\n")  # a guest checkout: no customer id
     ix = pd.read_parquet(served.interactions)
     ix = ix[ix["customer_id"].isin(ids)]
     ix.rename(columns={"customer_id": "Kunde", "timestamp": "Zeit"}).to_csv(
@@ -43,7 +45,7 @@ def _snapshot_args(tx: Path, as_of: dt.date) -> list[str]:
     return [
         "snapshot", "-t", str(tx), "--as-of", as_of.isoformat(),
         "--tx-columns", "customer_id=Kunde,timestamp=Datum,amount=Betrag",
-        "--timestamp-format", "%d.%m.%Y %H:%M:%S", "--decimal-comma",
+        "--timestamp-format", "%d.%m.%Y %H:%M:%S", "--decimal-comma", "--missing-ids", "drop",
     ]  # fmt: skip
 
 
@@ -60,6 +62,7 @@ def test_snapshot_of_a_user_csv_is_served_by_id(served, user_files, tmp_path, mo
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert f"Snapshot of 150 customers as of {served.as_of} -> {target}" in text
+    assert "1 dropped" in text  # the loader's options reach the command (--missing-ids)
     # Each customer's own features are those of the pipeline's snapshot of the same data.
     # (a CSV's ids are text)
     written = pd.read_parquet(target).astype({"customer_id": str}).set_index("customer_id")
