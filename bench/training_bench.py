@@ -225,7 +225,12 @@ def _worker_train(task: str, data: Path, home: Path, overrides: dict[str, Any]) 
         "duckdb_memory_limit": settings.duckdb_memory_limit,
         "duckdb_threads": settings.duckdb_threads,
         "duckdb_spill_gb_after_build": spilled[0] if spilled else None,
-        "metrics": {k: float(v) for k, v in result.metrics.loc[pipeline.MODEL_NAME].items()},
+        "selected": result.selected,
+        "metrics": {
+            k: float(v)
+            for k, v in result.metrics.loc[result.selected].items()
+            if isinstance(v, int | float)
+        },
         "promoted": result.promoted,
         "trees": sum(trees),
     }

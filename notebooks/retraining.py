@@ -299,12 +299,17 @@ show(fig, "split")
 # new version, gives it the `challenger` alias and moves `champion` only if the gate passes
 # (last step, so a failed run never touches the champion).
 #
-# Baselines, scored on the same test rows:
+# Candidates, all fitted on the training rows; the one with the best validation value of the
+# gate's metric is registered, whatever its family:
 #
-# - churn: `logistic` (logistic regression on log RFM), `bgnbd` (BG/NBD probability of no
-#   purchase in the horizon), `bgnbd_rank` and `pnbd_rank` (ranking by BG/NBD and by
-#   Pareto/NBD expected purchases: rank metrics only);
-# - value: `bgnbd_gg` (BG/NBD expected purchases x Gamma-Gamma spend).
+# - churn: `lightgbm`, `logistic` (logistic regression on log RFM), `bgnbd` (BG/NBD
+#   probability of no purchase in the horizon), `pnbd` (Pareto/NBD 1 - P(alive)); beside
+#   them `bgnbd_rank` and `pnbd_rank` (ranking by expected purchases: rank metrics only);
+# - value: `lightgbm`, `bgnbd_gg` (BG/NBD expected purchases x Gamma-Gamma spend) and
+#   `two_part` (P(purchase) x buyers' spend, linear in log RFM).
+#
+# The gate promotes only a version that beats the champion and the best other baseline on
+# the test rows; `notes` give the gain over that baseline with a paired bootstrap interval.
 
 # %%
 tracking_uri = tracking.configure(settings)
@@ -314,6 +319,7 @@ churn_result = pipeline.train(
 )
 print(f"{churn_result.registered_name} v{churn_result.version}: promoted={churn_result.promoted}")
 print(f"gate: {churn_result.gate_reason}")
+print("\n".join(churn_result.notes))
 display(churn_result.metrics)
 
 # %%
@@ -410,11 +416,10 @@ display(params[params.index.str.match(r"(horizon|test_|valid_|train_|data_|light
 # %%
 metric_rows = []
 for key, value in run.data.metrics.items():
-    if key.startswith("baseline_"):
-        model_name, _, metric = key.removeprefix("baseline_").partition("_test_")
-    elif key.startswith("test_"):
-        model_name, metric = "lightgbm", key.removeprefix("test_")
-    else:
+    # every candidate's test metrics: {candidate|baseline}_{name}_test_{metric}
+    role, _, rest = key.partition("_")
+    model_name, found, metric = rest.partition("_test_")
+    if role not in ("candidate", "baseline") or not found:
         continue
     metric_rows.append({"model": model_name, "metric": metric, "value": value})
 display(pd.DataFrame(metric_rows).pivot(index="model", columns="metric", values="value"))

@@ -139,24 +139,45 @@ def _short(column: str) -> str | None:
     return None
 
 
-def print_metrics(table: pd.DataFrame, title: str) -> None:
-    """Print a models x metrics table (with the selection's status column when it has one).
+#: The training table's test metrics: with the validation column and the status, all of
+#: them would not fit an 80-column terminal (metrics.csv in the run has every one).
+SELECTION_COLUMNS = (
+    "roc_auc",
+    "brier",
+    "ece",
+    "lift_top_decile",
+    "gini",
+    "spearman",
+    "decile_mape",
+    "total_ratio",
+)
 
-    An unusable row shows no numbers and says why in its status, never a score of 0.5.
+
+def print_metrics(table: pd.DataFrame, title: str) -> None:
+    """Print a models x metrics table; a training run's also shows each candidate's status.
+
+    An unusable row shows no numbers and ``unusable`` as its status (the reason is printed
+    below the table), never a score of 0.5.
     """
     out = Table(title=title)
     out.add_column("model", no_wrap=True)
-    columns = [c for c in table.columns if _short(c) is not None]
+    selection = "status" in table.columns
+    columns = [
+        c
+        for c in table.columns
+        if _short(c) is not None
+        and (not selection or c.startswith("valid_") or c in SELECTION_COLUMNS)
+    ]
     for col in columns:
         _number_column(out, str(_short(col)))
-    if "status" in table.columns:
-        out.add_column("status", overflow="fold")
+    if selection:
+        out.add_column("status", no_wrap=True)
     for name, row in table.iterrows():
         cells = [
             "" if not math.isfinite(float(row[c])) else f"{float(row[c]):.4f}" for c in columns
         ]
-        if "status" in table.columns:
-            cells.append(str(row["status"]))
+        if selection:
+            cells.append(str(row["status"]).split(":")[0])
         out.add_row(str(name), *cells)
     console.print(out)
 
