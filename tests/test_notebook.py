@@ -100,8 +100,9 @@ def test_retraining_notebook_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     assert len(mlflow.search_model_versions("name = 'rapport-churn'")) == 2
     assert {"champion", "challenger"} <= set(churn.aliases)
     champion = mlflow.get_model_version_by_alias("rapport-churn", "champion")
-    # The notebook promotes by hand and rolls back to the gate's choice: tagged on the version.
-    assert "roll back" in champion.tags["promoted_by"]
+    # The notebook promotes by hand and rolls back to the gate's choice, tagged on the version;
+    # when no churn version beat the best baseline on test, the hand-promoted one stays.
+    assert any(why in champion.tags["promoted_by"] for why in ("roll back", "manual promotion"))
     assert "champion" in mlflow.get_registered_model("rapport-clv").aliases
     assert (home / "demo" / "transactions.parquet").exists()
     assert (home / "notebook" / "segments.png").exists()
