@@ -266,10 +266,10 @@ def curl_example(host: str, port: int) -> str:
 def run_service(settings: ServingSettings, *, bento: str | None) -> int:
     """Run ``bentoml serve`` in the foreground until it exits or is stopped; its exit code.
 
-    The server runs as a process group of its own; SIGINT (Ctrl-C) and SIGTERM stop all of it
-    (:func:`rapport.serving.process.run_group`), so nothing answers on the port afterwards.
+    SIGINT (Ctrl-C) and SIGTERM stop the server and all its workers
+    (:func:`rapport.serving.process.run_server`), so nothing answers on the port afterwards.
     """
-    from rapport.serving.process import run_group
+    from rapport.serving.process import run_server
 
     target = bento or "rapport.serving.service:Rapport"
     cmd = [
@@ -296,7 +296,7 @@ def run_service(settings: ServingSettings, *, bento: str | None) -> int:
         "RAPPORT_CLV_MODEL": settings.clv_model,
         "RAPPORT_MODEL_ALIAS": settings.model_alias,
     }
-    return run_group(cmd, env, grace_seconds=settings.stop_grace_seconds)
+    return run_server(cmd, env, grace_seconds=settings.stop_grace_seconds)
 
 
 def _bento_exists(tag: str) -> bool:

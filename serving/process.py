@@ -1,83 +1,128 @@
-"""Run the HTTP server as one process group, and stop all of it.
+"""Run the HTTP server as a process tree of its own, and stop all of it.
 
-``bentoml serve`` is a process manager (circus) with worker processes under it. Started in a
-session of its own, the whole tree shares one process group, so one signal to the group
-reaches every process, and an empty group means nothing of the server is left to answer on
-the port. The terminal's Ctrl-C then reaches only ``rapport serve``, which passes it on:
-SIGINT and SIGTERM go to the group, a second one (or the grace period running out) kills it.
+``bentoml serve`` is a process manager (circus) that starts its workers each in a session
+of their own, so neither a terminal's Ctrl-C nor a signal to the manager's group reaches
+them, and a worker whose manager dies keeps answering on the port. ``rapport serve``
+therefore starts the manager in a new session (a Ctrl-C in the terminal reaches only
+``rapport serve``), keeps track of every process under it while it runs, passes SIGINT and
+SIGTERM on to all of them, and kills whatever is left when the grace period runs out. A
+second signal kills at once.
+
+Process lookups use psutil, which BentoML itself depends on.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from types import FrameType
+from typing import Any
 
 #: Signals that stop the server.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: How long the group has to vanish after SIGKILL (the kernel only has to reap it).
+#: How long killed processes have to vanish (the kernel only has to tear them down).
 KILL_WAIT_SECONDS = 5.0
-#: Between two looks at a process group that is stopping.
-POLL_SECONDS = 0.05
+#: Between two looks at the running server (new workers, exit, grace period).
+POLL_SECONDS = 0.25
 
 
-def signal_group(pgid: int, signum: int) -> bool:
-    """Send ``signum`` to process group ``pgid``; False when the group is gone."""
-    try:
-        os.killpg(pgid, signum)
-    except ProcessLookupError:
-        return False
-    return True
+class ServerTree:
+    """The server process and every process seen under it so far.
 
-
-def group_alive(proc: subprocess.Popen[bytes]) -> bool:
-    """Whether any process of the group that ``proc`` leads is left.
-
-    The leader is reaped first: a zombie still counts as a member of its group.
+    A worker whose parent died is no longer anyone's child that can be found, so the tree
+    remembers each process from the moment it is seen (:meth:`refresh`).
     """
-    proc.poll()
-    return signal_group(proc.pid, 0)
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        import psutil
+
+        self.proc = proc
+        self.root = psutil.Process(proc.pid)
+        self.known: dict[int, Any] = {proc.pid: self.root}
+
+    def refresh(self) -> None:
+        """Remember the processes now under the server."""
+        import psutil
+
+        with contextlib.suppress(psutil.Error):
+            for child in self.root.children(recursive=True):
+                self.known.setdefault(child.pid, child)
+
+    def alive(self) -> list[Any]:
+        """The known processes still running.
+
+        A zombie counts as gone: only its parent's reaping is left, which no signal helps.
+        """
+        import psutil
+
+        self.proc.poll()  # reaps the server itself once it has exited
+        running = []
+        for process in self.known.values():
+            with contextlib.suppress(psutil.Error):
+                if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                    running.append(process)
+        return running
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the server's group and to every known process outside it."""
+        import psutil
+
+        self.refresh()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signum)
+        for process in self.alive():
+            with contextlib.suppress(psutil.Error, OSError):
+                if os.getpgid(process.pid) != self.proc.pid:
+                    process.send_signal(signum)
+
+    def wait_gone(self, seconds: float) -> bool:
+        """Poll until no known process runs, or ``seconds`` pass; True when none runs."""
+        deadline = time.monotonic() + seconds
+        while self.alive():
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(POLL_SECONDS / 5)
+        return True
+
+    def end(self, grace_seconds: float) -> None:
+        """Stop whatever is left: SIGTERM, then SIGKILL once the grace period has passed."""
+        if self.wait_gone(0):
+            return
+        self.signal(signal.SIGTERM)
+        if not self.wait_gone(grace_seconds):
+            self.signal(signal.SIGKILL)
+            self.wait_gone(KILL_WAIT_SECONDS)
 
 
 class _StopRequest:
-    """What the signal handlers saw: when the first stop signal came, and how many."""
+    """The signal handlers' state: when the first stop signal came, and how many came."""
 
     def __init__(self) -> None:
-        self.pid: int | None = None
+        self.tree: ServerTree | None = None
         self.first: float | None = None
         self.count = 0
-        self.signum = signal.SIGTERM
+        self.signum: int = signal.SIGTERM
 
     def __call__(self, signum: int, frame: FrameType | None) -> None:
         self.count += 1
-        self.signum = signal.Signals(signum)
+        self.signum = signum
         if self.first is None:
             self.first = time.monotonic()
-        if self.pid is not None:
+        if self.tree is not None:
             # A second Ctrl-C means "now": no more grace.
-            signal_group(self.pid, signum if self.count == 1 else signal.SIGKILL)
+            self.tree.signal(signum if self.count == 1 else signal.SIGKILL)
 
 
-def end_group(proc: subprocess.Popen[bytes], grace_seconds: float) -> None:
-    """Stop what is left of ``proc``'s group: SIGTERM, then SIGKILL after the grace period."""
-    for signum, seconds in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, KILL_WAIT_SECONDS)):
-        if not group_alive(proc):
-            return
-        signal_group(proc.pid, signum)
-        deadline = time.monotonic() + seconds
-        while group_alive(proc) and time.monotonic() < deadline:
-            time.sleep(POLL_SECONDS)
+def run_server(cmd: Sequence[str], env: Mapping[str, str], *, grace_seconds: float) -> int:
+    """Run ``cmd`` in a session of its own until it exits or a stop signal comes.
 
-
-def run_group(cmd: Sequence[str], env: Mapping[str, str], *, grace_seconds: float) -> int:
-    """Run ``cmd`` as its own process group until it exits or a stop signal comes.
-
-    SIGINT and SIGTERM are passed to the whole group; whatever still runs ``grace_seconds``
-    later is killed. When this returns no process of the group is left (up to the kernel
-    reaping killed ones, :data:`KILL_WAIT_SECONDS`).
+    SIGINT and SIGTERM are passed on to the server and every process under it; whatever
+    still runs ``grace_seconds`` later is killed. When this returns, no process of the
+    server is left running, also when it exited on its own and left workers behind.
 
     Parameters
     ----------
@@ -96,25 +141,28 @@ def run_group(cmd: Sequence[str], env: Mapping[str, str], *, grace_seconds: floa
     previous = {sig: signal.signal(sig, stop) for sig in STOP_SIGNALS}
     try:
         proc = subprocess.Popen(list(cmd), env=dict(env), start_new_session=True)
-        stop.pid = proc.pid
+        tree = ServerTree(proc)
         try:
+            stop.tree = tree
             if stop.first is not None:
-                signal_group(proc.pid, stop.signum)
-            code = _wait(proc, stop, grace_seconds)
+                tree.signal(stop.signum)
+            code = _wait(tree, stop, grace_seconds)
         finally:
-            end_group(proc, grace_seconds)
+            stop.tree = None
+            tree.end(grace_seconds)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return 0 if stop.first is not None else code
 
 
-def _wait(proc: subprocess.Popen[bytes], stop: _StopRequest, grace_seconds: float) -> int:
-    """The leader's exit code; kills the group once a stop has taken longer than the grace."""
+def _wait(tree: ServerTree, stop: _StopRequest, grace_seconds: float) -> int:
+    """The server's exit code; kills the tree once a stop has taken longer than the grace."""
     while True:
         try:
-            # A timed wait, so that the grace period is checked while the server runs on.
-            return proc.wait(timeout=0.5)
+            # A timed wait: new workers are noted and the grace period checked meanwhile.
+            return tree.proc.wait(timeout=POLL_SECONDS)
         except subprocess.TimeoutExpired:
+            tree.refresh()
             if stop.first is not None and time.monotonic() - stop.first > grace_seconds:
-                signal_group(proc.pid, signal.SIGKILL)
+                tree.signal(signal.SIGKILL)
