@@ -117,7 +117,9 @@ def demo(
 
     settings = RapportSettings()
     out_dir = settings.demo_dir
-    config = SyntheticConfig(n_customers=customers, seed=seed)
+    # Four years: the value model's 365-day labels need training cutoffs whose horizon ends by
+    # validation, itself a horizon before the test cutoff, a horizon before the data end.
+    config = SyntheticConfig(n_customers=customers, seed=seed, start="2022-01-01")
     with step(f"Generating {customers:,} synthetic customers into {out_dir}"):
         summary = write_synthetic(config, out_dir)
     with step("Loading and validating"):

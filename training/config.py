@@ -276,7 +276,7 @@ QUICK_OVERRIDES: dict[str, Any] = {
     "lightgbm.params.learning_rate": 0.2,
     "lightgbm.params.min_data_in_leaf": 20,
     "lightgbm.params.num_leaves": 15,
-    "cutoffs.count": 5,
+    "cutoffs.count": 8,
 }
 
 

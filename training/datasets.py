@@ -3,9 +3,9 @@
 A row is one (customer, cutoff): the features as of the cutoff (nothing after it) and the labels
 over the horizon after it. The time split never lets training see the test horizon: the last
 cutoff is the test set; validation is the latest earlier cutoff whose horizon ends by the test
-cutoff; training uses the cutoffs before validation. (Training horizons may overlap the
-validation horizon: validation only steers early stopping and calibration, the test set is
-clean.) The customer split, for histories too short for that, holds seeded fractions of the
+cutoff; training uses the cutoffs whose horizon ends by the validation cutoff. No label a
+model trains on lies in the validation horizon, so the validation rows that choose among model
+families, stop boosting and calibrate are as unseen as the test rows. The customer split, for histories too short for that, holds seeded fractions of the
 customers out at the last cutoff for validation and test, and trains on the others at every
 cutoff (see :class:`rapport.training.config.SplitConfig`).
 """
@@ -195,11 +195,14 @@ def split_cutoffs(cutoffs: Sequence[dt.date], horizon_days: int) -> TrainingSpli
             "customers instead (split: {by: customers})"
         )
     valid = eligible[-1]
-    train = tuple(c for c in eligible if c < valid)
+    # A training label over (c, c + H] that reached past the validation cutoff would be
+    # validation's own future: selection would then favour the models that memorise it.
+    train = tuple(c for c in eligible if c + horizon <= valid)
     if not train:
         raise ValueError(
-            f"no training cutoff before the validation cutoff {valid}: add earlier cutoffs, "
-            "or hold out customers instead (split: {by: customers})"
+            f"no training cutoff whose {horizon_days}-day horizon ends by the validation "
+            f"cutoff {valid}: add earlier cutoffs (cutoffs.count), or hold out customers "
+            "instead (split: {by: customers})"
         )
     return TrainingSplit(train=train, valid=valid, test=test)
 

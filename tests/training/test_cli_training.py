@@ -24,7 +24,7 @@ def fast_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
         data = load_config(task).model_dump(mode="json")
         data["lightgbm"].update(num_boost_round=30, early_stopping_rounds=10)
         data["lightgbm"]["params"].update(learning_rate=0.2, min_data_in_leaf=20)
-        data["cutoffs"]["count"] = 5
+        data["cutoffs"]["count"] = 8
         if task == "clv":
             data["horizon_days"] = 180
             data["cutoffs"]["every_months"] = 2

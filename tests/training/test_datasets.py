@@ -87,7 +87,10 @@ def test_split_keeps_the_test_horizon_out_of_training() -> None:
     assert split.test == D(2025, 10, 28)
     # Validation is the latest cutoff whose 90-day horizon ends by the test cutoff.
     assert split.valid == D(2025, 7, 28)
-    assert split.train == tuple(D(2025, m, 28) for m in range(1, 7))
+    # Training is every cutoff whose horizon ends by validation: no training label lies in
+    # the validation horizon (2025-05-28 + 90 days is after 2025-07-28).
+    assert split.train == tuple(D(2025, m, 28) for m in range(1, 5))
+    assert all(c + dt.timedelta(days=90) <= split.valid for c in split.train)
     for c in (*split.train, split.valid):
         assert c + dt.timedelta(days=90) <= split.test
     assert split.role(D(2025, 8, 28)) == "unused"
