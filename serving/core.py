@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from rapport.features.build import build_features, connect, iter_features, write_features
-from rapport.features.contracts import DataValidationError, TableSource
+from rapport.features.contracts import DataValidationError, TableSource, validate_table
 from rapport.features.segments import SCORED_FEATURES, scores_against
 from rapport.serving import schemas as s
 from rapport.serving.scoring import LoadedModel, ModelVersion, Scorer, load_pyfunc_dir
@@ -531,6 +531,9 @@ class ServiceState:
             ix_rows.append((_NOBODY, pd.Timestamp(as_of), first_channel, first_event))
             ix = pd.DataFrame(ix_rows, columns=["customer_id", "timestamp", "channel", "event"])
         try:
+            # A posted line has no product or line number, so two equal lines are two lines
+            # of one order, not a duplicate: kept, then summed into their order.
+            tx = validate_table(tx, "transactions", duplicates="keep")
             # One DuckDB connection, one query at a time (connections are not thread-safe).
             with self._duckdb_lock:
                 if self._con is None:
