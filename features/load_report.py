@@ -113,7 +113,10 @@ class LoadReport:
     def of(cls, frame: pd.DataFrame) -> LoadReport | None:
         """The report a loader left on ``frame``, or None for a frame no loader made."""
         data = frame.attrs.get(ATTRS_KEY)
-        if not isinstance(data, dict):
-            return None
+        return cls.from_attrs(data) if isinstance(data, dict) else None
+
+    @classmethod
+    def from_attrs(cls, data: dict[str, Any]) -> LoadReport:
+        """The report from :meth:`to_attrs`' data."""
         dropped = tuple(Dropped(**d) for d in data.get("dropped", ()))
         return cls(**{**data, "dropped": dropped})

@@ -255,7 +255,7 @@ class CompiledFamily:
 
     def predict(self, x: np.ndarray) -> np.ndarray:
         """Churn: the family's probability; value: its expected spend over the horizon."""
-        return family_predict(self.model, self._columns(x))
+        return family_predict(self.model, self._columns(x))  # type: ignore[arg-type]
 
     def contributions(self, x: np.ndarray) -> np.ndarray:
         """The model's own per-feature contributions, without the bias column."""

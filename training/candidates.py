@@ -385,9 +385,11 @@ def family_of(model: Estimator) -> str:
 
 def predict(model: Estimator, data: Columns) -> np.ndarray:
     """The model's prediction per row: churn probability, or expected spend."""
+    if isinstance(model, ChurnModel | ValueModel) and not isinstance(data, pd.DataFrame):
+        data = pd.DataFrame(data)  # the LightGBM models read frames only
     if isinstance(model, ChurnModel | LogisticChurnModel | BGNBDChurnModel | ParetoNBDChurnModel):
-        return np.asarray(model.predict_proba(data), dtype="float64")
-    return np.asarray(model.predict(data), dtype="float64")
+        return np.asarray(model.predict_proba(data), dtype="float64")  # type: ignore[arg-type]
+    return np.asarray(model.predict(data), dtype="float64")  # type: ignore[arg-type]
 
 
 def score_rows(model: Estimator, frame: pd.DataFrame) -> pd.DataFrame:

@@ -1,13 +1,13 @@
 """Labelled training sets over several cutoffs, split out of time or by customer.
 
 A row is one (customer, cutoff): the features as of the cutoff (nothing after it) and the labels
-over the horizon after it. The time split never lets training see the test horizon: the last
-cutoff is the test set; validation is the latest earlier cutoff whose horizon ends by the test
-cutoff; training uses the cutoffs whose horizon ends by the validation cutoff. No label a
-model trains on lies in the validation horizon, so the validation rows that choose among model
-families, stop boosting and calibrate are as unseen as the test rows. The customer split, for histories too short for that, holds seeded fractions of the
-customers out at the last cutoff for validation and test, and trains on the others at every
-cutoff (see :class:`rapport.training.config.SplitConfig`).
+over the horizon after it. The time split never lets training see the validation or test
+horizons: the last cutoff is the test set; validation is the latest earlier cutoff whose horizon
+ends by the test cutoff; training uses the cutoffs whose horizon ends by the validation cutoff.
+So the validation rows that choose among model families, stop boosting and calibrate are as
+unseen as the test rows. The customer split, for histories too short for that, holds seeded
+fractions of the customers out at the last cutoff for validation and test, and trains on the
+others at every cutoff (see :class:`rapport.training.config.SplitConfig`).
 """
 
 from __future__ import annotations

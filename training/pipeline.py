@@ -28,6 +28,7 @@ from mlflow.models import infer_signature
 
 from rapport.features.build import build_features, connect, discover_interaction_pairs
 from rapport.features.contracts import TableSource, load_interactions, load_transactions
+from rapport.features.load_report import LoadReport
 from rapport.training import plots, tracking, tuning
 from rapport.training.candidates import Estimator, family_of
 from rapport.training.config import GATE_METRICS, ModelConfig
@@ -50,6 +51,8 @@ from rapport.training.settings import TrainingSettings
 
 #: Rows MLflow looks at to type the logged data sets' columns.
 SCHEMA_ROWS = 10_000
+#: Key of the training frame's ``attrs`` holding the load reports of its inputs.
+LOADS = "loads"
 #: Key of the training frame's ``attrs`` holding the interaction pairs its features used.
 INTERACTION_PAIRS = "interaction_pairs"
 
@@ -246,6 +249,11 @@ def prepare_training_set(
     used = sorted({*split.train, split.valid, split.test})
     frame = _labelled_rows(config, tx, ix, used, settings)
     frame.attrs[INTERACTION_PAIRS] = discover_interaction_pairs(ix) if ix is not None else ()
+    frame.attrs[LOADS] = {
+        prefix: report.to_attrs()
+        for prefix, table in (("tx", tx), ("ix", ix))
+        if table is not None and (report := LoadReport.of(table)) is not None
+    }
     return frame, split
 
 
@@ -330,6 +338,7 @@ def train(
         frame, split = prepare_training_set(config, transactions, interactions, settings=settings)
         train_rows, valid_rows, test_rows = split_frame(frame, split)
         pairs = frame.attrs.get(INTERACTION_PAIRS, ())
+        loads = {k: LoadReport.from_attrs(v) for k, v in frame.attrs.get(LOADS, {}).items()}
         del frame
         rows_available = len(train_rows)
         if config.max_train_rows is not None and rows_available > config.max_train_rows:
@@ -354,6 +363,7 @@ def train(
         mlflow.log_text(
             yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml"
         )
+        currency = _log_loads(loads)
         for role, part in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
             dataset = from_pandas(
                 part,
@@ -379,7 +389,7 @@ def train(
         log_selection(evaluation)
         with step(f"Logging plots and the {evaluation.selected} model"):
             log_artifacts(evaluation, config)
-            new_version = _log_model(evaluation, config, test_rows, str(split.test))
+            new_version = _log_model(evaluation, config, test_rows, str(split.test), currency)
         with step("Comparing with the champion and the best baseline"):
             decision = _gate(evaluation, config, transactions, interactions, test_rows)
         mlflow.set_tags({"rapport.gate": "pass" if decision.promote else "fail"})
@@ -406,8 +416,24 @@ def train(
         )
 
 
+def _log_loads(loads: dict[str, LoadReport]) -> str | None:
+    """Log what loading read, kept and dropped (metrics, ``load.txt``); the data's currency."""
+    for prefix, report in loads.items():
+        mlflow.log_metrics(report.as_metrics(prefix))
+    if loads:
+        mlflow.log_text("\n".join(r.line() for r in loads.values()) + "\n", "load.txt")
+    currency = next((r.currency for r in loads.values() if r.currency), None)
+    if currency:
+        mlflow.log_param("currency", currency)
+    return currency
+
+
 def _log_model(
-    evaluation: Evaluation, config: ModelConfig, test_rows: pd.DataFrame, test_cutoff: str
+    evaluation: Evaluation,
+    config: ModelConfig,
+    test_rows: pd.DataFrame,
+    test_cutoff: str,
+    currency: str | None,
 ) -> str:
     """Log and register the selected model through the pyfunc; the new version's number."""
     model = evaluation.model
@@ -427,6 +453,7 @@ def _log_model(
             "horizon_days": config.horizon_days,
             "test_cutoff": test_cutoff,
             "feature_names": model.feature_names_,
+            "currency": currency,
         },
     )
     return str(info.registered_model_version)

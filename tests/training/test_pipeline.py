@@ -292,3 +292,30 @@ def test_champion_rows_rebuild_the_test_cutoff_faithfully(
     expected = test[shared].sort_values("customer_id").reset_index(drop=True)
     got = rows[shared].sort_values("customer_id").reset_index(drop=True)
     pd.testing.assert_frame_equal(got, expected, check_dtype=False, check_categorical=False)
+
+
+def test_what_loading_kept_and_dropped_and_the_currency_reach_mlflow(
+    tmp_path: Path, small_world: dict[str, Path], fast_config: Callable[..., ModelConfig]
+) -> None:
+    from rapport.features.contracts import load_transactions
+
+    raw = pd.read_parquet(small_world["transactions"])
+    guests = raw.head(3).assign(customer_id=None)
+    tx = load_transactions(
+        pd.concat([raw, guests, raw.head(2)], ignore_index=True),
+        missing_ids="drop",
+        currency="GBP",
+    )
+    settings = TrainingSettings(home=tmp_path, mlflow_tracking_uri=None)
+    result = pipeline.train(fast_config("churn"), tx, settings=settings)
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(result.run_id)
+    metrics = run.data.metrics
+    assert metrics["tx_rows_read"] == len(raw) + 5
+    assert metrics["tx_dropped_missing_ids"] == 3 and metrics["tx_dropped_duplicates"] == 2
+    assert metrics["tx_amount_kept"] == pytest.approx(raw["amount"].sum())
+    assert run.data.params["currency"] == "GBP"
+    text = mlflow.artifacts.load_text(f"runs:/{result.run_id}/load.txt")
+    assert "3 dropped: no customer id" in text and "GBP" in text
+    info = mlflow.models.get_model_info(f"models:/rapport-churn/{result.version}")
+    assert info.metadata["currency"] == "GBP"
