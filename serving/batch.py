@@ -32,6 +32,7 @@ OUTPUT_COLUMNS = (
     "expected_days_to_next_purchase",
     "expected_next_purchase_date",
     "segment",
+    "currency",
     "churn_model",
     "clv_model",
 )
@@ -58,6 +59,7 @@ def score_chunks(
     validate: bool = True,
     duckdb_threads: int | None = None,
     duckdb_memory_limit: str | None = None,
+    currency: str | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Scores of every customer with a purchase by ``as_of``, chunk by chunk.
 
@@ -71,6 +73,8 @@ def score_chunks(
         The loaded churn and value models.
     chunk_rows
         Customers per chunk.
+    currency
+        The currency of ``transactions``' amounts; it must be the models' own.
 
     Yields
     ------
@@ -78,8 +82,15 @@ def score_chunks(
         :data:`OUTPUT_COLUMNS`: ``customer_id``, ``as_of``, ``churn_probability``,
         ``risk_tier``, ``predicted_value`` (over the value horizon), ``p_alive``,
         ``expected_purchases``, ``expected_days_to_next_purchase``,
-        ``expected_next_purchase_date``, ``segment``, and the model versions used.
+        ``expected_next_purchase_date``, ``segment``, ``currency`` (of ``predicted_value``;
+        null when neither the data nor the models state one) and the model versions used.
+
+    Raises
+    ------
+    ValueError
+        When ``currency`` is not the currency the models were trained on.
     """
+    currency = _currency(currency, scorer.currency)
     con = connect(threads=duckdb_threads, memory_limit=duckdb_memory_limit)
     try:
         for features in stream_features(
@@ -98,9 +109,19 @@ def score_chunks(
             scores["segment"] = features["segment"].to_numpy()
             scores["churn_model"] = scorer.churn_version.label
             scores["clv_model"] = scorer.value_version.label
+            scores["currency"] = pd.Series(currency, index=scores.index, dtype="string")
             yield scores[list(OUTPUT_COLUMNS)]
     finally:
         con.close()
+
+
+def _currency(data: str | None, models: str | None) -> str | None:
+    if data and models and data.upper() != models.upper():
+        raise ValueError(
+            f"currency: the data are in {data} but the models learnt from {models} amounts; "
+            "score them with models trained on this currency"
+        )
+    return data or models
 
 
 def score_batch(

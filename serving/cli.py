@@ -448,6 +448,7 @@ def score(
         validate=False,
         duckdb_threads=settings.duckdb_threads,
         duckdb_memory_limit=settings.duckdb_memory_limit,
+        currency=currency,
     )
     with progress_bar(f"Scoring customers as of {cutoff}") as advance:
         result = run_or_exit(

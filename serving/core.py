@@ -351,6 +351,10 @@ class ServiceState:
             raise NotReadyError(self.error or "models are still loading")
         return self.scorer
 
+    def _currency(self, scorer: Scorer) -> str | None:
+        """The currency of predicted values: the training data's, else the setting's."""
+        return scorer.currency or self.settings.currency
+
     # -- scoring ---------------------------------------------------------------------------
 
     def _check_size(self, n: int, field: str) -> None:
@@ -389,7 +393,7 @@ class ServiceState:
                 scores,
                 [r.customer_id for r in rows],
                 as_of,
-                currency=self.settings.currency,
+                currency=self._currency(scorer),
             ),
         )
 
@@ -424,7 +428,7 @@ class ServiceState:
                 validated=True,
             )
             scores = s.to_customer_scores(
-                scorer, result, ids, as_of, currency=self.settings.currency
+                scorer, result, ids, as_of, currency=self._currency(scorer)
             )
         return s.ByIdResponse(
             models=s.versions_of(scorer),
@@ -462,7 +466,7 @@ class ServiceState:
                 scores,
                 frame["customer_id"].astype("string").tolist(),
                 list(dates),
-                currency=self.settings.currency,
+                currency=self._currency(scorer),
             ),
         )
 
@@ -621,7 +625,7 @@ class ServiceState:
             warnings=list(self.warnings),
             max_batch=self.settings.max_batch,
             max_events=self.settings.max_events,
-            currency=self.settings.currency,
+            currency=self._currency(scorer) if scorer else self.settings.currency,
         )
 
 

@@ -144,7 +144,7 @@ class CustomerScore(BaseModel):
     churn_horizon_days: int
     predicted_value: float = Field(description="Expected net spend over the value horizon.")
     value_horizon_days: int
-    currency: str
+    currency: str | None
     expected_purchases: float | None = Field(description="BG/NBD, over the value horizon.")
     p_alive: float | None = Field(description="BG/NBD probability the customer is active.")
     expected_days_to_next_purchase: float | None = Field(
@@ -234,7 +234,7 @@ class ServiceInfo(BaseModel):
     )
     max_batch: int
     max_events: int
-    currency: str
+    currency: str | None
 
 
 def versions_of(scorer: Scorer) -> ModelVersions:
@@ -256,7 +256,7 @@ def to_customer_scores(
     customer_ids: list[str],
     as_of: list[dt.date | None],
     *,
-    currency: str,
+    currency: str | None,
 ) -> list[CustomerScore]:
     """Response rows from column-wise :class:`Scores`."""
     out = []

@@ -70,6 +70,7 @@ class LoadedModel:
 
     model: Estimator
     version: ModelVersion
+    currency: str | None = None
 
 
 def resolve_alias(name: str, alias: str, *, tracking_uri: str) -> ModelVersion:
@@ -106,12 +107,19 @@ def resolve_alias(name: str, alias: str, *, tracking_uri: str) -> ModelVersion:
 def load_registered(name: str, alias: str, *, tracking_uri: str) -> LoadedModel:
     """Load the version of ``name`` that ``alias`` points at from the MLflow registry."""
     version = resolve_alias(name, alias, tracking_uri=tracking_uri)
-    return LoadedModel(model=_unwrap(mlflow.pyfunc.load_model(version.source)), version=version)
+    return _loaded(mlflow.pyfunc.load_model(version.source), version)
 
 
 def load_pyfunc_dir(path: str, version: ModelVersion) -> LoadedModel:
     """Load a model saved as an MLflow model folder (what a Bento carries)."""
-    return LoadedModel(model=_unwrap(mlflow.pyfunc.load_model(path)), version=version)
+    return _loaded(mlflow.pyfunc.load_model(path), version)
+
+
+def _loaded(pyfunc: Any, version: ModelVersion) -> LoadedModel:
+    """The unwrapped model, with the currency of the data it was trained on, if stated."""
+    metadata = getattr(pyfunc.metadata, "metadata", None) or {}
+    currency = metadata.get("currency")
+    return LoadedModel(_unwrap(pyfunc), version, str(currency) if currency else None)
 
 
 def _unwrap(pyfunc: Any) -> Estimator:
@@ -351,6 +359,8 @@ class Scorer:
             raise TypeError("Scorer needs a churn model and a value (clv) model")
         self.churn_version = churn.version
         self.value_version = value.version
+        #: The currency of the amounts the models learnt from (None when unstated).
+        self.currency: str | None = value.currency or churn.currency
         self.churn = compile_model(churn.model)
         self.value = compile_model(value.model)
         self.inputs: list[str] = list(dict.fromkeys([*self.churn.inputs, *self.value.inputs]))

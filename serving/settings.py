@@ -42,7 +42,11 @@ class ServingSettings(TrainingSettings):
     )
     max_batch: int = Field(default=1000, ge=1, description="Most customers in one request.")
     max_events: int = Field(default=10_000, ge=1, description="Most events in one posted history.")
-    currency: str = Field(default="USD", description="Currency of predicted values.")
+    currency: str | None = Field(
+        default=None,
+        description="Currency of predicted values when the served models do not state the "
+        "currency of the data they learnt from (training records it).",
+    )
     host: str = Field(default="127.0.0.1", description="Address the service binds to.")
     port: int = Field(default=3000, ge=1, le=65535, description="Port the service listens on.")
     stop_grace_seconds: float = Field(

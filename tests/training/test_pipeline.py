@@ -319,3 +319,12 @@ def test_what_loading_kept_and_dropped_and_the_currency_reach_mlflow(
     assert "3 dropped: no customer id" in text and "GBP" in text
     info = mlflow.models.get_model_info(f"models:/rapport-churn/{result.version}")
     assert info.metadata["currency"] == "GBP"
+    # serving reads it back with the model, and refuses data in another currency
+    from rapport.serving.batch import _currency
+    from rapport.serving.scoring import load_registered
+
+    loaded = load_registered("rapport-churn", "challenger", tracking_uri=settings.tracking_uri)
+    assert loaded.currency == "GBP"
+    assert _currency(None, loaded.currency) == "GBP"
+    with pytest.raises(ValueError, match="the data are in EUR but the models learnt from GBP"):
+        _currency("EUR", loaded.currency)
