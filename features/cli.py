@@ -7,15 +7,9 @@ message naming the column and rows; nothing is written then.
 
 from __future__ import annotations
 
-import datetime as dt
-import time
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, TypedDict, TypeVar, Unpack
+from typing import Annotated
 
 import pandas as pd
 import typer
@@ -30,19 +24,18 @@ from rapport.features.build import (
     parse_cutoffs,
     write_features,
 )
-from rapport.features.contracts import (
-    DataValidationError,
-    LoadOptions,
-    RowsDroppedWarning,
-    is_contract_parquet,
-    load_interactions,
-    load_transactions,
+from rapport.features.cli_inputs import (
+    AsOfOpt,
+    InteractionsOpt,
+    OutOpt,
+    ReadOptions,
+    TransactionsOpt,
+    check_cutoffs_reach_purchases,
+    open_inputs,
+    reads_inputs,
 )
-from rapport.features.load_report import LoadReport
+from rapport.features.console import console, progress_bar, run_or_exit, step
 from rapport.features.segments import segment_summary
-
-console = Console(stderr=True)
-T = TypeVar("T")
 
 features_app = typer.Typer(help="Build point-in-time features and labels.", no_args_is_help=True)
 data_app = typer.Typer(help="Bundled and synthetic data sets.", no_args_is_help=True)
@@ -53,37 +46,6 @@ def write_parquet_atomic(df: pd.DataFrame, out: Path) -> None:
     write_features([df], out)
 
 
-@contextmanager
-def step(message: str) -> Iterator[None]:
-    """Show a spinner for one step and print how long it took."""
-    start = time.perf_counter()
-    with console.status(message):
-        yield
-    console.print(f"[green]✓[/] {message} ({time.perf_counter() - start:.1f} s)")
-
-
-@contextmanager
-def progress_bar(message: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
-    """A bar for one long step (counts without a total); yields the function that advances it.
-
-    The bar is transient: when the step ends it gives way to the same ``✓`` line as
-    :func:`step`, with how long the step took.
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    start = time.perf_counter()
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task(message, total=total)
-        yield lambda n: bar.advance(task, n)
-    console.print(f"[green]✓[/] {message} ({time.perf_counter() - start:.1f} s)")
-
-
 def _counting_cutoffs(
     frames: Iterator[pd.DataFrame], advance: Callable[[int], None]
 ) -> Iterator[pd.DataFrame]:
@@ -91,29 +53,6 @@ def _counting_cutoffs(
     for frame in frames:
         advance(frame["as_of"].nunique())
         yield frame
-
-
-def run_or_exit(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn input errors into a clean message and exit status 2.
-
-    Warnings raised on the way are printed as one ``warning:`` line each once the recording
-    has stopped (printed through :func:`warnings.showwarning` inside it, each would be
-    recorded again, without end). Rows dropped on load are left out: the caller prints the
-    load's accounting line, which says the same.
-    """
-    error: Exception | None = None
-    with warnings.catch_warnings(record=True) as caught:
-        try:
-            result = fn()
-        except (DataValidationError, ValueError) as err:
-            error = err
-    for w in caught:
-        if not issubclass(w.category, RowsDroppedWarning):
-            console.print(f"[yellow]warning:[/] {w.message}")
-    if error is not None:
-        console.print(f"[red]error:[/] {error}")
-        raise typer.Exit(code=2) from error
-    return result
 
 
 def _windows(text: str) -> tuple[int, ...]:
@@ -161,292 +100,8 @@ def print_feature_summary(
     )
 
 
-TransactionsOpt = Annotated[
-    Path, typer.Option("--transactions", "-t", help="Transactions file (CSV or Parquet).")
-]
-InteractionsOpt = Annotated[
-    Path | None,
-    typer.Option("--interactions", "-i", help="Optional interactions file (CSV or Parquet)."),
-]
-AsOfOpt = Annotated[
-    str,
-    typer.Option(
-        "--as-of", help="Cutoff date(s), YYYY-MM-DD, comma-separated; a date includes its day."
-    ),
-]
-OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Parquet file to write.")]
-TxColumnsOpt = Annotated[
-    str,
-    typer.Option(
-        "--tx-columns",
-        help="Map your transaction column names: customer_id=CustID,timestamp=Date,amount=Total.",
-    ),
-]
-IxColumnsOpt = Annotated[
-    str,
-    typer.Option(
-        "--ix-columns",
-        help="Map your interaction column names: customer_id=...,channel=...,event=...",
-    ),
-]
-FormatOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--timestamp-format",
-        help="strftime format of the timestamps, e.g. %Y%m%d (default: parsed as dates or "
-        "datetimes in ISO and the usual forms).",
-    ),
-]
-DecimalCommaOpt = Annotated[
-    bool,
-    typer.Option(
-        "--decimal-comma",
-        help="Amounts are written with a decimal comma (1.234,50), as European exports do.",
-    ),
-]
-IxFormatOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--ix-timestamp-format",
-        help="strftime format of the interactions' timestamps where it differs from "
-        "--timestamp-format; 'auto' parses them as dates or datetimes.",
-    ),
-]
-
-
-class DuplicatesChoice(StrEnum):
-    """What ``--duplicates`` does with rows repeated in every source column."""
-
-    drop = "drop"
-    keep = "keep"
-    error = "error"
-
-
-class MissingIdsChoice(StrEnum):
-    """What ``--missing-ids`` does with rows without a customer id."""
-
-    error = "error"
-    drop = "drop"
-
-
-DuplicatesOpt = Annotated[
-    DuplicatesChoice,
-    typer.Option(
-        "--duplicates",
-        help="Rows identical to an earlier row in every source column: drop (counted), keep "
-        "or error. Lines that differ in any column are never duplicates.",
-    ),
-]
-MissingIdsOpt = Annotated[
-    MissingIdsChoice,
-    typer.Option(
-        "--missing-ids",
-        help="Transaction rows without a customer id (guest checkouts): error, or drop "
-        "(counted, with their amount).",
-    ),
-]
-DayFirstOpt = Annotated[
-    bool | None,
-    typer.Option(
-        "--dayfirst/--monthfirst",
-        help="Read dates such as 04/03/2025 day first (4 March) or month first (April 3). "
-        "Default: as the values show (13/01/2025), else refused.",
-    ),
-]
-EncodingOpt = Annotated[
-    str,
-    typer.Option(
-        "--encoding",
-        help="Text encoding of CSV files: utf-8 (a byte-order mark is read as such), "
-        "latin-1, cp1252, ...",
-    ),
-]
-CurrencyOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--currency",
-        envvar="RAPPORT_CURRENCY",
-        help="Currency code of the amounts (GBP, EUR, ...): carried into reports, training, "
-        "scores and responses. Default: RAPPORT_CURRENCY, else unstated.",
-    ),
-]
-
-
-def load_inputs(
-    transactions: Path,
-    interactions: Path | None,
-    *,
-    tx_columns: str = "",
-    ix_columns: str = "",
-    timestamp_format: str | None = None,
-    ix_timestamp_format: str | None = None,
-    decimal_comma: bool = False,
-    duplicates: str = "drop",
-    missing_ids: str = "error",
-    currency: str | None = None,
-    dayfirst: bool | None = None,
-    encoding: str = "utf-8",
-) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Load and validate the event tables as the options say, with progress; exit 2 on errors.
-
-    Each load prints its accounting line (rows read, kept, dropped by reason; amounts). The
-    interactions take ``timestamp_format`` unless ``ix_timestamp_format`` gives theirs
-    (``"auto"``: parsed as dates or datetimes): exports from two systems rarely share one.
-    """
-    tx_options = LoadOptions(
-        columns=tx_columns,
-        timestamp_format=timestamp_format,
-        decimal="," if decimal_comma else ".",
-        duplicates=DuplicatesChoice(duplicates).value,
-        missing_ids=MissingIdsChoice(missing_ids).value,
-        currency=currency,
-        dayfirst=dayfirst,
-        encoding=encoding,
-    )
-    with step(f"Loading transactions from {transactions}"):
-        tx = run_or_exit(lambda: load_transactions(transactions, tx_options))
-    print_load_report(tx)
-    if interactions is None:
-        return tx, None
-    ix_format = timestamp_format if ix_timestamp_format is None else ix_timestamp_format
-    ix_options = replace(
-        tx_options,
-        columns=ix_columns,
-        timestamp_format=None if ix_format == "auto" else ix_format,
-        missing_ids="error",
-    )
-    with step(f"Loading interactions from {interactions}"):
-        ix = run_or_exit(lambda: load_interactions(interactions, ix_options))
-    print_load_report(ix)
-    return tx, ix
-
-
-def print_load_report(frame: pd.DataFrame) -> None:
-    """Print a loaded table's accounting line, in yellow when rows were dropped."""
-    report = LoadReport.of(frame)
-    if report is not None:
-        colour = "yellow" if report.dropped else "green"
-        console.print(f"[{colour}]=[/] {report.line()}")
-
-
-@dataclass(frozen=True)
-class Inputs:
-    """The event tables as a command passes them on, and the days they span.
-
-    ``transactions`` and ``interactions`` are paths where DuckDB may scan the files as they
-    are, loaded and validated frames otherwise. ``first_purchase`` is None when every row is
-    a refund; ``last_day`` is the last transaction's day.
-    """
-
-    transactions: Path | pd.DataFrame
-    interactions: Path | pd.DataFrame | None
-    first_purchase: dt.date | None
-    last_day: dt.date | None
-
-
-class ReadOptions(TypedDict, total=False):
-    """How to read a user's files: the keyword options of :func:`load_inputs`."""
-
-    tx_columns: str
-    ix_columns: str
-    timestamp_format: str | None
-    ix_timestamp_format: str | None
-    decimal_comma: bool
-    duplicates: str
-    missing_ids: str
-    currency: str | None
-    dayfirst: bool | None
-    encoding: str
-
-
-#: Options that change how a file's rows are read (the others are policies for bad rows,
-#: which a file Rapport wrote in its contract cannot have, and the currency's name).
-_READING = (
-    "tx_columns",
-    "ix_columns",
-    "timestamp_format",
-    "ix_timestamp_format",
-    "decimal_comma",
-    "dayfirst",
-)
-
-
-def open_inputs(
-    transactions: Path, interactions: Path | None, **options: Unpack[ReadOptions]
-) -> Inputs:
-    """Pass Parquet that Rapport wrote in the contract on as paths; load and validate the rest.
-
-    Files marked as in the contract (the demo, ``rapport data synth``) hold unique, naive UTC,
-    lower-case rows already, so DuckDB scans them as they are: at 10M transactions loading
-    them into pandas took 4 s against the 2 s the features take. Any other file, or any
-    option that changes how a file is read (``options``, as :func:`load_inputs` takes them),
-    goes through :func:`load_inputs`.
-    """
-    if (
-        not any(options.get(k) for k in _READING)
-        and is_contract_parquet(transactions, "transactions")
-        and (interactions is None or is_contract_parquet(interactions, "interactions"))
-    ):
-        names = " and ".join(str(p) for p in (transactions, interactions) if p is not None)
-        console.print(f"[green]✓[/] {names}: Parquet in Rapport's contract, read as it is")
-        return Inputs(transactions, interactions, *_days_of_parquet(transactions))
-    tx, ix = load_inputs(transactions, interactions, **options)
-    purchases = tx.loc[tx["amount"] >= 0, "timestamp"]
-    first = None if purchases.empty else pd.Timestamp(purchases.min()).date()
-    return Inputs(tx, ix, first, pd.Timestamp(tx["timestamp"].max()).date())
-
-
-def _days_of_parquet(path: Path) -> tuple[dt.date | None, dt.date | None]:
-    """The first purchase day and last transaction day of a contract Parquet file.
-
-    Times in the contract are naive UTC, so their dates are UTC days.
-    """
-    import duckdb
-
-    quoted = str(path).replace("'", "''")
-    row = duckdb.sql(
-        "SELECT min(timestamp) FILTER (WHERE amount >= 0), max(timestamp) "
-        f"FROM read_parquet('{quoted}')"
-    ).fetchone()
-    first, last = row if row else (None, None)
-    return (
-        None if first is None else pd.Timestamp(first).date(),
-        None if last is None else pd.Timestamp(last).date(),
-    )
-
-
-def check_cutoffs_reach_purchases(first: dt.date | None, cutoffs: list[dt.date]) -> None:
-    """Refuse cutoffs that all fall before the first purchase; warn of those that some do.
-
-    An empty feature set is a valid answer for the API, but on the command line it almost
-    always means a mistyped date or the wrong file, so it is an error (exit 2, nothing written).
-
-    Raises
-    ------
-    ValueError
-        When no purchase falls on or before the latest cutoff.
-    """
-    if first is None:
-        raise ValueError("transactions: no purchase (amount >= 0), only refunds")
-    early = [c for c in cutoffs if c < first]
-    if len(early) == len(cutoffs):
-        which = (
-            f"as_of {cutoffs[0]} is"
-            if len(cutoffs) == 1
-            else f"as_of: every cutoff (latest {cutoffs[-1]}) is"
-        )
-        raise ValueError(
-            f"{which} before the first purchase in the transactions, on {first}: "
-            "no customer would have a row"
-        )
-    if early:
-        console.print(
-            f"[yellow]warning:[/] {len(early)} cutoff(s) before the first purchase ({first}) "
-            "have no rows"
-        )
-
-
 @features_app.command("build")
+@reads_inputs()
 def features_build(
     transactions: TransactionsOpt,
     as_of: AsOfOpt,
@@ -455,16 +110,6 @@ def features_build(
     windows: Annotated[
         str, typer.Option(help="Window lengths in days, comma-separated.")
     ] = "30,90,365",
-    tx_columns: TxColumnsOpt = "",
-    ix_columns: IxColumnsOpt = "",
-    timestamp_format: FormatOpt = None,
-    ix_timestamp_format: IxFormatOpt = None,
-    decimal_comma: DecimalCommaOpt = False,
-    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
-    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
-    currency: CurrencyOpt = None,
-    dayfirst: DayFirstOpt = None,
-    encoding: EncodingOpt = "utf-8",
     cutoff_batch: Annotated[
         int | None,
         typer.Option(
@@ -476,24 +121,13 @@ def features_build(
             "alone, in one query.",
         ),
     ] = None,
+    *,
+    read: ReadOptions,
 ) -> None:
     """Build point-in-time RFM + interaction features per customer and cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
     window_days = _windows(windows)
-    inputs = open_inputs(
-        transactions,
-        interactions,
-        tx_columns=tx_columns,
-        ix_columns=ix_columns,
-        timestamp_format=timestamp_format,
-        ix_timestamp_format=ix_timestamp_format,
-        decimal_comma=decimal_comma,
-        duplicates=duplicates.value,
-        missing_ids=missing_ids.value,
-        currency=currency,
-        dayfirst=dayfirst,
-        encoding=encoding,
-    )
+    inputs = open_inputs(transactions, interactions, **read)
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     # Batches of cutoffs stream into the Parquet file: memory holds one batch, not the set.
     with progress_bar(
@@ -519,6 +153,7 @@ def features_build(
 
 
 @features_app.command("labels")
+@reads_inputs(interactions=False)
 def features_labels(
     transactions: TransactionsOpt,
     as_of: AsOfOpt,
@@ -526,29 +161,12 @@ def features_labels(
     horizon_days: Annotated[
         int, typer.Option("--horizon-days", help="Label horizon H: days (as_of, as_of + H].")
     ] = 90,
-    tx_columns: TxColumnsOpt = "",
-    timestamp_format: FormatOpt = None,
-    decimal_comma: DecimalCommaOpt = False,
-    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
-    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
-    currency: CurrencyOpt = None,
-    dayfirst: DayFirstOpt = None,
-    encoding: EncodingOpt = "utf-8",
+    *,
+    read: ReadOptions,
 ) -> None:
     """Build churn / future-spend labels for a horizon after each cutoff."""
     cutoffs = run_or_exit(lambda: parse_cutoffs(as_of))
-    inputs = open_inputs(
-        transactions,
-        None,
-        tx_columns=tx_columns,
-        timestamp_format=timestamp_format,
-        decimal_comma=decimal_comma,
-        duplicates=duplicates.value,
-        missing_ids=missing_ids.value,
-        currency=currency,
-        dayfirst=dayfirst,
-        encoding=encoding,
-    )
+    inputs = open_inputs(transactions, None, **read)
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, cutoffs))
     with step(f"Building {horizon_days}-day labels at {len(cutoffs)} cutoff(s)"):
         labels = run_or_exit(

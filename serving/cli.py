@@ -17,29 +17,20 @@ import typer
 
 from rapport.features.build import build_features, build_labels, connect
 from rapport.features.cli import (
-    CurrencyOpt,
-    DecimalCommaOpt,
-    DuplicatesChoice,
-    DuplicatesOpt,
-    FormatOpt,
-    InteractionsOpt,
-    IxColumnsOpt,
-    IxFormatOpt,
-    MissingIdsChoice,
-    MissingIdsOpt,
-    TransactionsOpt,
-    TxColumnsOpt,
-    check_cutoffs_reach_purchases,
-    console,
     data_app,
     features_app,
-    open_inputs,
     print_feature_summary,
-    progress_bar,
-    run_or_exit,
-    step,
     write_parquet_atomic,
 )
+from rapport.features.cli_inputs import (
+    InteractionsOpt,
+    ReadOptions,
+    TransactionsOpt,
+    check_cutoffs_reach_purchases,
+    open_inputs,
+    reads_inputs,
+)
+from rapport.features.console import console, progress_bar, run_or_exit, step
 from rapport.features.contracts import load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
 from rapport.serving.scoring import Scorer
@@ -372,6 +363,7 @@ def serve_build(
 
 
 @app.command("score")
+@reads_inputs()
 def score(
     as_of: Annotated[
         str | None,
@@ -400,14 +392,8 @@ def score(
     churn_model: ChurnModelOpt = None,
     clv_model: ClvModelOpt = None,
     alias: AliasOpt = None,
-    tx_columns: TxColumnsOpt = "",
-    ix_columns: IxColumnsOpt = "",
-    timestamp_format: FormatOpt = None,
-    ix_timestamp_format: IxFormatOpt = None,
-    decimal_comma: DecimalCommaOpt = False,
-    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
-    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
-    currency: CurrencyOpt = None,
+    *,
+    read: ReadOptions,
 ) -> None:
     """Score every customer with the champion models as of a date, in chunks, to Parquet."""
     from rapport.serving.batch import score_batch, score_chunks
@@ -424,18 +410,7 @@ def score(
     given_day = _parse_day(as_of) if as_of else None
     # Parquet that Rapport wrote in the contract (the demo, `rapport data synth`) is scanned
     # by DuckDB as it is; anything else is loaded and validated first, as training does
-    inputs = open_inputs(
-        transactions,
-        interactions,
-        tx_columns=tx_columns,
-        ix_columns=ix_columns,
-        timestamp_format=timestamp_format,
-        ix_timestamp_format=ix_timestamp_format,
-        decimal_comma=decimal_comma,
-        duplicates=duplicates.value,
-        missing_ids=missing_ids.value,
-        currency=currency,
-    )
+    inputs = open_inputs(transactions, interactions, **read)
     cutoff = given_day or inputs.last_day or dt.date.today()
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, [cutoff]))
     out = out or settings.home / "scores.parquet"
@@ -448,7 +423,7 @@ def score(
         validate=False,
         duckdb_threads=settings.duckdb_threads,
         duckdb_memory_limit=settings.duckdb_memory_limit,
-        currency=currency,
+        currency=read.get("currency"),
     )
     with progress_bar(f"Scoring customers as of {cutoff}") as advance:
         result = run_or_exit(
@@ -462,6 +437,7 @@ def score(
 
 
 @app.command("snapshot")
+@reads_inputs()
 def snapshot(
     transactions: TransactionsOpt,
     as_of: Annotated[
@@ -483,14 +459,8 @@ def snapshot(
     churn_model: ChurnModelOpt = None,
     clv_model: ClvModelOpt = None,
     alias: AliasOpt = None,
-    tx_columns: TxColumnsOpt = "",
-    ix_columns: IxColumnsOpt = "",
-    timestamp_format: FormatOpt = None,
-    ix_timestamp_format: IxFormatOpt = None,
-    decimal_comma: DecimalCommaOpt = False,
-    duplicates: DuplicatesOpt = DuplicatesChoice.drop,
-    missing_ids: MissingIdsOpt = MissingIdsChoice.error,
-    currency: CurrencyOpt = None,
+    *,
+    read: ReadOptions,
 ) -> None:
     """Write the feature snapshot that `rapport serve` scores customers by id from.
 
@@ -500,18 +470,7 @@ def snapshot(
     settings = _settings(churn_model=churn_model, clv_model=clv_model, model_alias=alias)
     day = _parse_day(as_of)
     scorer = _load_scorer(settings)
-    inputs = open_inputs(
-        transactions,
-        interactions,
-        tx_columns=tx_columns,
-        ix_columns=ix_columns,
-        timestamp_format=timestamp_format,
-        ix_timestamp_format=ix_timestamp_format,
-        decimal_comma=decimal_comma,
-        duplicates=duplicates.value,
-        missing_ids=missing_ids.value,
-        currency=currency,
-    )
+    inputs = open_inputs(transactions, interactions, **read)
     run_or_exit(lambda: check_cutoffs_reach_purchases(inputs.first_purchase, [day]))
     write_serving_snapshot(inputs.transactions, inputs.interactions, day, scorer, settings, out)
 

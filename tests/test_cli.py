@@ -228,7 +228,7 @@ def test_a_warning_while_loading_is_printed_once(capsys):
     # it to the list being read: the loop never ended and memory ran out.
     import warnings
 
-    from rapport.features.cli import run_or_exit
+    from rapport.features.console import run_or_exit
 
     def warns() -> int:
         warnings.warn("dates look day-first", UserWarning, stacklevel=1)

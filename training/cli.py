@@ -19,17 +19,8 @@ import typer
 from mlflow.exceptions import MlflowException
 from rich.table import Table
 
-from rapport.features.cli import (
-    DecimalCommaOpt,
-    FormatOpt,
-    IxColumnsOpt,
-    IxFormatOpt,
-    TxColumnsOpt,
-    console,
-    load_inputs,
-    run_or_exit,
-    step,
-)
+from rapport.features.cli_inputs import ReadOptions, load_inputs, reads_inputs
+from rapport.features.console import console, run_or_exit, step
 from rapport.training import tracking
 from rapport.training.config import ModelConfig, Task, load_config
 from rapport.training.pipeline import TrainingResult, evaluate_registered, train
@@ -216,11 +207,8 @@ def train_command(
             "cutoff first (nested MLflow runs); 0 turns a config's search off.",
         ),
     ] = None,
-    tx_columns: TxColumnsOpt = "",
-    ix_columns: IxColumnsOpt = "",
-    timestamp_format: FormatOpt = None,
-    ix_timestamp_format: IxFormatOpt = None,
-    decimal_comma: DecimalCommaOpt = False,
+    *,
+    read: ReadOptions,
 ) -> None:
     """Train, evaluate out of time, track in MLflow, register, and gate the champion."""
     settings = TrainingSettings()
@@ -238,15 +226,7 @@ def train_command(
     configs = [run_or_exit(partial(_config_for, t, config, overrides)) for t in tasks]
     tx_path, ix_path = _data(transactions, interactions, settings)
     # loaded once here (with the column maps and formats) for every task trained
-    tx, ix = load_inputs(
-        tx_path,
-        ix_path,
-        tx_columns=tx_columns,
-        ix_columns=ix_columns,
-        timestamp_format=timestamp_format,
-        ix_timestamp_format=ix_timestamp_format,
-        decimal_comma=decimal_comma,
-    )
+    tx, ix = load_inputs(tx_path, ix_path, **read)
     console.print(f"MLflow store: {settings.tracking_uri}")
     for cfg in configs:
         result: TrainingResult = run_or_exit(
@@ -276,22 +256,12 @@ def evaluate_command(
     ] = None,
     transactions: TransactionsOpt = None,
     interactions: InteractionsOpt = None,
-    tx_columns: TxColumnsOpt = "",
-    ix_columns: IxColumnsOpt = "",
-    timestamp_format: FormatOpt = None,
-    ix_timestamp_format: IxFormatOpt = None,
-    decimal_comma: DecimalCommaOpt = False,
+    *,
+    read: ReadOptions,
 ) -> None:
     """Score a registered model on one cutoff beside the BTYD baseline."""
     settings = TrainingSettings()
-    tx, ix = load_inputs(
-        *_data(transactions, interactions, settings),
-        tx_columns=tx_columns,
-        ix_columns=ix_columns,
-        timestamp_format=timestamp_format,
-        ix_timestamp_format=ix_timestamp_format,
-        decimal_comma=decimal_comma,
-    )
+    tx, ix = load_inputs(*_data(transactions, interactions, settings), **read)
     cfg = run_or_exit(partial(_config_for, _task(task), config, {}))
     ref = f"/{version}" if version else f"@{alias}"
     uri = f"models:/{cfg.registered_name}{ref}"
@@ -362,7 +332,7 @@ def promote_command(
 
 def register(app: typer.Typer) -> None:
     """Add the training commands to the root ``rapport`` app."""
-    app.command("train")(train_command)
-    app.command("evaluate")(evaluate_command)
+    app.command("train")(reads_inputs()(train_command))
+    app.command("evaluate")(reads_inputs()(evaluate_command))
     app.command("models")(models_command)
     app.command("promote")(promote_command)
