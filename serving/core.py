@@ -26,6 +26,7 @@ from rapport.features.build import build_features, connect, iter_features, write
 from rapport.features.contracts import DataValidationError, TableSource, validate_table
 from rapport.features.segments import SCORED_FEATURES, scores_against
 from rapport.serving import schemas as s
+from rapport.serving.limits import Deadline
 from rapport.serving.scoring import LoadedModel, ModelVersion, Scorer, load_pyfunc_dir
 from rapport.serving.scoring import load_registered as load_from_registry
 from rapport.serving.settings import ServingSettings
@@ -40,6 +41,9 @@ THREAD_THRESHOLD = 128
 #: A stand-in customer with one interaction and no purchase: gives a posted history without
 #: interactions the interaction columns a customer without activity gets in training.
 _NOBODY = "\x00rapport-nobody"
+
+#: One posted interaction as a table row: customer, time, channel, event.
+_IxRow = tuple[str, pd.Timestamp, str, str]
 
 
 class InputError(ValueError):
@@ -374,6 +378,9 @@ class ServiceState:
         """Score posted feature rows."""
         scorer = self._scorer()
         self._check_size(len(request.customers), "customers")
+        self._check_ids(
+            [r.customer_id for r in request.customers], ["body", "customers"], "customer_id"
+        )
         cols, errors = s.check_rows(request.customers, scorer, today=_today())
         if errors:
             raise InputError(errors)
@@ -401,6 +408,7 @@ class ServiceState:
         """Score known customers from the snapshot; unknown ids are listed, not fatal."""
         scorer = self._scorer()
         self._check_size(len(request.customer_ids), "customer_ids")
+        self._check_ids(request.customer_ids, ["body", "customer_ids"])
         snap = self.snapshot
         found: list[int] = []
         ids: list[str] = []
@@ -437,10 +445,24 @@ class ServiceState:
             missing=missing,
         )
 
-    def score_history(self, request: s.HistoryRequest) -> s.ScoreResponse:
-        """Compute features from posted histories (the training feature code) and score."""
+    def score_history(
+        self, request: s.HistoryRequest, deadline: Deadline | None = None
+    ) -> s.ScoreResponse:
+        """Compute features from posted histories (the training feature code) and score.
+
+        Parameters
+        ----------
+        request
+            The histories.
+        deadline
+            The request's time budget (default ``history_timeout_seconds`` from now),
+            checked between customers and steps; the feature query is interrupted when it
+            runs out. Past it, :class:`~rapport.serving.limits.BudgetExceededError`.
+        """
+        deadline = deadline or Deadline(self.settings.history_timeout_seconds)
         scorer = self._scorer()
         self._check_size(len(request.customers), "customers")
+        self._check_history_bounds(request)
         today = _today()
         as_of = request.as_of or today
         errors: list[dict[str, Any]] = []
@@ -452,13 +474,14 @@ class ServiceState:
                     "type": "future",
                 }
             )
-        frame = self._history_features(request, as_of, errors)
+        frame = self._history_features(request, as_of, errors, deadline)
         cols = scorer.columns_from_frame(frame)
         segment = [str(v) if pd.notna(v) else None for v in frame["segment"].astype("object")]
         dates = [as_of] * len(frame)
         scores = scorer.score(
             cols, len(frame), as_of=dates, segment=segment, explain=request.explain
         )
+        deadline.check()
         return s.ScoreResponse(
             models=s.versions_of(scorer),
             scores=s.to_customer_scores(
@@ -470,16 +493,68 @@ class ServiceState:
             ),
         )
 
-    def _history_features(
-        self, request: s.HistoryRequest, as_of: dt.date, errors: list[dict[str, Any]]
-    ) -> pd.DataFrame:
-        scorer = self._scorer()
+    def _check_ids(self, ids: list[str], loc: list[Any], field: str | None = None) -> None:
+        """Refuse ids longer than ``max_id_length``; ``loc + [i] (+ [field])`` names each."""
+        tail = [field] if field else []
+        errors = [
+            self._long_id([*loc, i, *tail]) for i, cid in enumerate(ids) if self._too_long(cid)
+        ]
+        if errors:
+            raise InputError(errors)
+
+    def _too_long(self, text: str | None) -> bool:
+        return text is not None and len(text) > self.settings.max_id_length
+
+    def _long_id(self, loc: list[Any]) -> dict[str, Any]:
+        limit = self.settings.max_id_length
+        return {
+            "loc": loc,
+            "msg": f"at most {limit} characters (RAPPORT_MAX_ID_LENGTH)",
+            "type": "string_too_long",
+        }
+
+    def _check_history_bounds(self, request: s.HistoryRequest) -> None:
+        """Id lengths and the request's event count, checked before any work starts."""
+        errors: list[dict[str, Any]] = []
+        events = 0
+        for i, cust in enumerate(request.customers):
+            loc = ["body", "customers", i]
+            if self._too_long(cust.customer_id):
+                errors.append(self._long_id([*loc, "customer_id"]))
+            errors += [
+                self._long_id([*loc, "transactions", j, "order_id"])
+                for j, p in enumerate(cust.transactions)
+                if self._too_long(p.order_id)
+            ]
+            events += len(cust.transactions) + len(cust.interactions)
+        most = self.settings.max_request_events
+        if events > most:
+            errors.append(
+                {
+                    "loc": ["body", "customers"],
+                    "msg": f"at most {most} events per request (got {events}; "
+                    "RAPPORT_MAX_REQUEST_EVENTS)",
+                    "type": "too_long",
+                }
+            )
+        if errors:
+            raise InputError(errors)
+
+    def _history_rows(
+        self,
+        request: s.HistoryRequest,
+        as_of: dt.date,
+        errors: list[dict[str, Any]],
+        deadline: Deadline,
+    ) -> tuple[list[tuple[str, pd.Timestamp, float, str | None]], list[_IxRow]]:
+        """The posted events as table rows; what is wrong with them goes to ``errors``."""
         limit = self.settings.max_events
         end = pd.Timestamp(as_of) + pd.Timedelta(days=1)
         tx_rows: list[tuple[str, pd.Timestamp, float, str | None]] = []
-        ix_rows: list[tuple[str, pd.Timestamp, str, str]] = []
+        ix_rows: list[_IxRow] = []
         seen: set[str] = set()
         for i, cust in enumerate(request.customers):
+            deadline.check()
             loc = ["body", "customers", i]
             if cust.customer_id in seen:
                 errors.append(
@@ -490,8 +565,7 @@ class ServiceState:
                     }
                 )
             seen.add(cust.customer_id)
-            n_events = len(cust.transactions) + len(cust.interactions)
-            if n_events > limit:
+            if len(cust.transactions) + len(cust.interactions) > limit:
                 errors.append(
                     {
                         "loc": loc,
@@ -500,29 +574,37 @@ class ServiceState:
                     }
                 )
                 continue
-            stamps = (
-                ("transactions", [p.timestamp for p in cust.transactions]),
-                ("interactions", [e.timestamp for e in cust.interactions]),
-            )
-            for field, times in stamps:
-                for j, when in enumerate(times):
-                    ts = _utc_naive(when)
-                    if ts >= end:
-                        errors.append(
-                            {
-                                "loc": [*loc, field, j, "timestamp"],
-                                "msg": f"{ts} is after as_of {as_of}",
-                                "type": "future",
-                            }
-                        )
-            tx_rows += [
+            tx = [
                 (cust.customer_id, _utc_naive(p.timestamp), p.amount, p.order_id)
                 for p in cust.transactions
             ]
-            ix_rows += [
+            ix = [
                 (cust.customer_id, _utc_naive(e.timestamp), e.channel.lower(), e.event.lower())
                 for e in cust.interactions
             ]
+            for field, rows in (("transactions", tx), ("interactions", ix)):
+                errors += [
+                    {
+                        "loc": [*loc, field, j, "timestamp"],
+                        "msg": f"{row[1]} is after as_of {as_of}",
+                        "type": "future",
+                    }
+                    for j, row in enumerate(rows)
+                    if row[1] >= end
+                ]
+            tx_rows += tx
+            ix_rows += ix
+        return tx_rows, ix_rows
+
+    def _history_features(
+        self,
+        request: s.HistoryRequest,
+        as_of: dt.date,
+        errors: list[dict[str, Any]],
+        deadline: Deadline,
+    ) -> pd.DataFrame:
+        scorer = self._scorer()
+        tx_rows, ix_rows = self._history_rows(request, as_of, errors, deadline)
         if errors:
             raise InputError(errors)
         tx = pd.DataFrame(tx_rows, columns=["customer_id", "timestamp", "amount", "order_id"])
@@ -538,11 +620,43 @@ class ServiceState:
             # A posted line has no product or line number, so two equal lines are two lines
             # of one order, not a duplicate: kept, then summed into their order.
             tx = validate_table(tx, "transactions", duplicates="keep")
-            # One DuckDB connection, one query at a time (connections are not thread-safe).
-            with self._duckdb_lock:
-                if self._con is None:
-                    self._con = connect(threads=1)
-                frame = build_features(
+            deadline.check()
+            frame = self._features_within(tx, ix, as_of, pairs, deadline)
+        except DataValidationError as err:
+            raise InputError(
+                [{"loc": ["body", "customers"], "msg": str(err), "type": "value_error"}]
+            ) from err
+        deadline.check()
+        return self._ranked_in_request_order(frame, request, as_of)
+
+    def _features_within(
+        self,
+        tx: pd.DataFrame,
+        ix: pd.DataFrame | None,
+        as_of: dt.date,
+        pairs: tuple[tuple[str, str], ...],
+        deadline: Deadline,
+    ) -> pd.DataFrame:
+        """The feature code on the posted events, stopped when ``deadline`` runs out.
+
+        One DuckDB connection runs one query at a time (connections are not thread-safe):
+        waiting for it counts against the budget, and a timer interrupts the query itself
+        when the budget runs out, so an abandoned request stops holding memory and the
+        connection.
+        """
+        import duckdb
+
+        scorer = self._scorer()
+        if not self._duckdb_lock.acquire(timeout=deadline.remaining()):
+            raise deadline.exceeded()
+        try:
+            if self._con is None:
+                self._con = connect(threads=1)
+            timer = threading.Timer(deadline.remaining(), self._con.interrupt)
+            timer.daemon = True
+            timer.start()
+            try:
+                return build_features(
                     tx,
                     ix,
                     as_of=[as_of],
@@ -551,10 +665,21 @@ class ServiceState:
                     validate=True,
                     connection=self._con,
                 )
-        except DataValidationError as err:
-            raise InputError(
-                [{"loc": ["body", "customers"], "msg": str(err), "type": "value_error"}]
-            ) from err
+            except duckdb.InterruptException as err:
+                raise deadline.exceeded() from err
+            finally:
+                # Cancelled and joined under the lock: an interrupt never reaches the next
+                # request's query.
+                timer.cancel()
+                timer.join()
+        finally:
+            self._duckdb_lock.release()
+
+    def _ranked_in_request_order(
+        self, frame: pd.DataFrame, request: s.HistoryRequest, as_of: dt.date
+    ) -> pd.DataFrame:
+        """Feature rows of the posted customers, R/F/M-scored against the snapshot."""
+        scorer = self._scorer()
         frame = frame[frame["customer_id"].astype("string") != _NOBODY].reset_index(drop=True)
         # The feature code counts a customer from the first purchase (refunds alone are not
         # one); such a history has no feature row, and the answer says which.
@@ -625,6 +750,10 @@ class ServiceState:
             warnings=list(self.warnings),
             max_batch=self.settings.max_batch,
             max_events=self.settings.max_events,
+            max_request_events=self.settings.max_request_events,
+            max_id_length=self.settings.max_id_length,
+            max_body_bytes=self.settings.max_body_bytes,
+            history_timeout_seconds=self.settings.history_timeout_seconds,
             currency=self._currency(scorer) if scorer else self.settings.currency,
         )
 

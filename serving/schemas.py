@@ -10,15 +10,26 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from rapport.serving.scoring import ModelVersion, Scorer, Scores
 
-#: Customer ids: one to 200 characters (numbers are accepted and read as text).
-CustomerId = str
+
+def _no_nonfinite(value: Any) -> Any:
+    """Refuse NaN and infinities where text is expected (they would read as "nan", "inf")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError("must be text or a finite number")
+    return value
+
+
+#: Customer ids: text, at least one character (numbers are accepted and read as text); at
+#: most RAPPORT_MAX_ID_LENGTH (default 200), checked by the service.
+CustomerId = Annotated[str, BeforeValidator(_no_nonfinite), Field(min_length=1)]
+#: Order ids: text or a number read as text; at most RAPPORT_MAX_ID_LENGTH characters.
+OrderId = Annotated[str, BeforeValidator(_no_nonfinite)]
 
 _ROW_EXAMPLE: dict[str, Any] = {
     "customer_id": "C-1042",
@@ -49,7 +60,7 @@ class FeatureRow(BaseModel):
         json_schema_extra={"examples": [_ROW_EXAMPLE]},
     )
 
-    customer_id: CustomerId = Field(min_length=1, max_length=200, description="Customer id.")
+    customer_id: CustomerId = Field(description="Customer id.")
     as_of: dt.date | None = Field(
         None, description="Date the features describe (for the next-purchase date)."
     )
@@ -84,7 +95,7 @@ class Purchase(BaseModel):
 
     timestamp: dt.datetime = Field(description="When (ISO date or date-time; UTC if naive).")
     amount: float = Field(description="Net amount in the currency of the data.")
-    order_id: str | None = Field(None, description="Order id (repeated ids are one order).")
+    order_id: OrderId | None = Field(None, description="Order id (repeated ids are one order).")
 
 
 class Interaction(BaseModel):
@@ -102,7 +113,7 @@ class CustomerHistory(BaseModel):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    customer_id: CustomerId = Field(min_length=1, max_length=200, description="Customer id.")
+    customer_id: CustomerId = Field(description="Customer id.")
     transactions: list[Purchase] = Field(min_length=1, description="Purchases, any order.")
     interactions: list[Interaction] = Field(default_factory=list, description="Interactions.")
 
@@ -232,8 +243,21 @@ class ServiceInfo(BaseModel):
         description="What start-up found wrong short of failing: no snapshot, a snapshot "
         "lacking features the models need, or one older than its maximum age.",
     )
-    max_batch: int
-    max_events: int
+    max_batch: int = Field(description="Most customers in one request (RAPPORT_MAX_BATCH).")
+    max_events: int = Field(description="Most events per posted history (RAPPORT_MAX_EVENTS).")
+    max_request_events: int | None = Field(
+        default=None, description="Most events in one history request (RAPPORT_MAX_REQUEST_EVENTS)."
+    )
+    max_id_length: int | None = Field(
+        default=None, description="Longest customer or order id (RAPPORT_MAX_ID_LENGTH)."
+    )
+    max_body_bytes: int | None = Field(
+        default=None, description="Largest request body (RAPPORT_MAX_BODY_BYTES)."
+    )
+    history_timeout_seconds: float | None = Field(
+        default=None,
+        description="Time budget of a history request (RAPPORT_HISTORY_TIMEOUT_SECONDS).",
+    )
     currency: str | None
 
 
