@@ -3,21 +3,36 @@
 Features stream out of DuckDB in chunks (:func:`rapport.features.build.stream_features`), each
 chunk is scored with the compiled models and appended to the output, so memory follows the
 chunk size rather than the number of customers. Outputs appear only when complete: the
-Parquet file is renamed into place, the table is swapped in one transaction.
+Parquet file is written to a temporary file renamed into place, the table is loaded into a
+staging table swapped in one transaction (:mod:`rapport.serving.db_output`).
+
+A run killed mid-write leaves its temporary file (``.{out}.{host}.{pid}.{tag}.tmp``) and
+staging table; the next run to the same output removes them. A temporary file is a
+leftover when its process is gone from this host (the name says which), or, when another
+host wrote it, once nothing has touched it for :data:`STALE_AFTER` (a live run writes to
+it with every chunk).
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import re
+import socket
 import time
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from rapport.features.build import connect, stream_features, write_features
+from rapport.features.build import connect, stream_features
 from rapport.features.contracts import TableSource
+from rapport.serving.db_output import ColumnKind, TableOutput, pid_alive
 from rapport.serving.scoring import Scorer
 
 #: Columns of the output, in order.
@@ -36,6 +51,30 @@ OUTPUT_COLUMNS = (
     "churn_model",
     "clv_model",
 )
+
+#: Column types of the score table in a database.
+OUTPUT_TYPES: dict[str, ColumnKind] = {
+    "customer_id": "text",
+    "as_of": "date",
+    "churn_probability": "double",
+    "risk_tier": "text",
+    "predicted_value": "double",
+    "p_alive": "double",
+    "expected_purchases": "double",
+    "expected_days_to_next_purchase": "double",
+    "expected_next_purchase_date": "date",
+    "segment": "text",
+    "currency": "text",
+    "churn_model": "text",
+    "clv_model": "text",
+}
+
+#: A temporary Parquet file from another host (or an earlier version, whose names carry no
+#: process id) is a leftover once untouched this long.
+STALE_AFTER = dt.timedelta(hours=24)
+
+# Host names go into file names, so only letters, digits and dashes are kept.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
 
 
 @dataclass(frozen=True)
@@ -125,7 +164,7 @@ def _currency(data: str | None, models: str | None) -> str | None:
 
 
 def score_batch(
-    chunks: Iterator[pd.DataFrame],
+    chunks: Iterable[pd.DataFrame],
     out: Path,
     *,
     database_url: str | None = None,
@@ -139,74 +178,103 @@ def score_batch(
     chunks
         From :func:`score_chunks`.
     out
-        Parquet path; written to a temporary file and renamed when complete.
+        Parquet path; written to a temporary file and renamed when complete (after the
+        table, when there is one, is swapped in).
     database_url
         Optional SQLAlchemy URL (``postgresql+psycopg://...``, ``sqlite:///...``): the rows go
-        to a staging table that replaces ``table`` in one transaction at the end.
+        to a staging table unique to the run that replaces ``table`` in one transaction at
+        the end (see :class:`rapport.serving.db_output.TableOutput`).
     table
         Target table name.
     progress
         Called with the number of rows of each chunk written.
+
+    Raises
+    ------
+    rapport.serving.db_output.DatabaseOutputError
+        When the database refuses the rows (one line naming the table and the database).
     """
     start = time.perf_counter()
+    remove_stale_parts(out)
     count = 0
-    engine = None
-    staging = f"{table}__staging"
-    if database_url:
-        import sqlalchemy as sa
+    tmp = out.with_name(f".{out.name}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    with ExitStack() as stack:
+        stack.callback(tmp.unlink, missing_ok=True)
+        db = None
+        if database_url:
+            db = stack.enter_context(TableOutput(database_url, table, types=OUTPUT_TYPES))
 
-        engine = sa.create_engine(database_url)
+        def tee() -> Iterator[pd.DataFrame]:
+            nonlocal count
+            for chunk in chunks:
+                if db is not None:
+                    db.append(chunk)
+                count += 1
+                if progress is not None:
+                    progress(len(chunk))
+                yield chunk
 
-    def tee() -> Iterator[pd.DataFrame]:
-        nonlocal count
-        for i, chunk in enumerate(chunks):
-            if engine is not None:
-                with engine.begin() as conn:
-                    chunk.to_sql(
-                        staging,
-                        conn,
-                        if_exists="replace" if i == 0 else "append",
-                        index=False,
-                        chunksize=50_000,
-                        method="multi",
-                    )
-            count += 1
-            if progress is not None:
-                progress(len(chunk))
-            yield chunk
-
-    try:
-        rows, _ = write_features(tee(), out)
-        if engine is not None:
-            _swap_table(engine, staging, table)
-    finally:
-        if engine is not None:
-            _drop(engine, staging)
-            engine.dispose()
+        rows = _write_parquet(tee(), tmp)
+        if db is not None:
+            db.swap()
+        os.replace(tmp, out)
     return BatchResult(
         rows=rows,
         chunks=count,
         seconds=time.perf_counter() - start,
         out=out,
-        table=table if engine is not None else None,
+        table=table if database_url else None,
     )
 
 
-def _swap_table(engine: object, staging: str, table: str) -> None:
-    import sqlalchemy as sa
+def _write_parquet(frames: Iterable[pd.DataFrame], path: Path) -> int:
+    """Stream ``frames`` into one Parquet file at ``path``; the number of rows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = 0
+    writer: pq.ParquetWriter | None = None
+    try:
+        for frame in frames:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            if writer is None:
+                writer = pq.ParquetWriter(path, table.schema)
+            writer.write_table(table.cast(writer.schema))
+            rows += len(frame)
+        if writer is None:
+            raise ValueError("no scores to write: no customer has a purchase by the cutoff")
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows
 
-    assert isinstance(engine, sa.engine.Engine)
-    prep = engine.dialect.identifier_preparer
-    with engine.begin() as conn:
-        conn.execute(sa.text(f"DROP TABLE IF EXISTS {prep.quote(table)}"))
-        conn.execute(sa.text(f"ALTER TABLE {prep.quote(staging)} RENAME TO {prep.quote(table)}"))
 
+def remove_stale_parts(out: Path, *, now: float | None = None) -> list[Path]:
+    """Remove temporary files of ``out`` left by runs that are gone; the files removed.
 
-def _drop(engine: object, name: str) -> None:
-    import sqlalchemy as sa
-
-    assert isinstance(engine, sa.engine.Engine)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(f"DROP TABLE IF EXISTS {engine.dialect.identifier_preparer.quote(name)}")
-        )
+    A file named for this host is a leftover when its process is not alive; any other
+    (another host's, or an unnamed one of an earlier version) when untouched for
+    :data:`STALE_AFTER`.
+    """
+    named = re.compile(
+        rf"\.{re.escape(out.name)}\."
+        r"(?:(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}|[0-9a-f]{32})\.tmp"
+    )
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.iterdir():
+        found = named.fullmatch(path.name)
+        if found is None:
+            continue
+        if found["host"] == _HOST:
+            pid = int(found["pid"])
+            stale = pid != os.getpid() and not pid_alive(pid)
+        else:
+            try:
+                stale = now - path.stat().st_mtime > STALE_AFTER.total_seconds()
+            except FileNotFoundError:  # removed meanwhile by another run
+                continue
+        if stale:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
