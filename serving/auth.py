@@ -273,5 +273,34 @@ class ServerKeyMiddleware(ApiKeyMiddleware):
         super().__init__(app, KeyChecker(settings.keys_path), guarded)
 
 
+def serve_check(settings: ServingSettings) -> tuple[str | None, str | None]:
+    """What ``rapport serve`` says about keys before it starts: (error, warning).
+
+    The error: keys are required but none exists (every request would be refused). The
+    warning: keys are switched off on an address other machines reach.
+    """
+    from rapport.serving.settings import is_loopback
+
+    if settings.keys_required:
+        try:
+            keys = read_keys(settings.keys_path)
+        except (OSError, ValueError, KeyError) as err:
+            return f"API keys file {settings.keys_path} unreadable: {err}", None
+        if not keys:
+            return (
+                f"API keys are required on {settings.host} but {settings.keys_path} holds none: "
+                "make one with `rapport keys create`, or serve without keys with "
+                "--no-require-api-key",
+                None,
+            )
+        return None, None
+    if not is_loopback(settings.host):
+        return None, (
+            f"serving on {settings.host} without API keys (--no-require-api-key): anyone who "
+            "reaches the port reads every customer's scores"
+        )
+    return None, None
+
+
 def _nothing(path: str) -> bool:
     return False

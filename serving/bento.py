@@ -94,7 +94,7 @@ def service_source(churn_tag: str, clv_tag: str) -> str:
 
         import bentoml
 
-        from rapport.serving.service import API_PREFIX, SERVICE_CONFIG, RapportService, app
+        from rapport.serving.service import RapportService, make_service
         from rapport.serving.settings import ServingSettings
 
 
@@ -108,9 +108,7 @@ def service_source(churn_tag: str, clv_tag: str) -> str:
                 )
 
 
-        Rapport = bentoml.service(**SERVICE_CONFIG)(
-            bentoml.asgi_app(app, path=API_PREFIX)(PinnedRapportService)
-        )
+        Rapport = make_service(PinnedRapportService)
         '''
     )
 

@@ -33,6 +33,7 @@ from rapport.features.cli_inputs import (
 from rapport.features.console import console, progress_bar, run_or_exit, step
 from rapport.features.contracts import load_interactions, load_transactions
 from rapport.features.settings import RapportSettings
+from rapport.serving.keys_cli import keys_app
 from rapport.serving.scoring import Scorer
 from rapport.serving.settings import ServingSettings
 from rapport.training.cli import print_metrics, quiet_mlflow
@@ -50,6 +51,7 @@ app = typer.Typer(
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 register_training_commands(app)
+app.add_typer(keys_app, name="keys")
 
 
 ChurnModelOpt = Annotated[
@@ -247,10 +249,11 @@ def write_serving_snapshot(
         )
 
 
-def curl_example(host: str, port: int) -> str:
-    """A ready-to-paste request against a running service."""
+def curl_example(host: str, port: int, *, with_key: bool = False) -> str:
+    """A ready-to-paste request against a running service (with its key from $RAPPORT_KEY)."""
+    auth = '-H "Authorization: Bearer $RAPPORT_KEY" ' if with_key else ""
     return (
-        f"curl -s -X POST http://{host}:{port}/v1/score/by-id "
+        f"curl -s -X POST http://{host}:{port}/v1/score/by-id {auth}"
         "-H 'Content-Type: application/json' "
         """-d '{"customer_ids": ["1", "2"], "explain": 3}'"""
     )
@@ -262,8 +265,15 @@ def run_service(settings: ServingSettings, *, bento: str | None) -> int:
     SIGINT (Ctrl-C) and SIGTERM stop the server and all its workers
     (:func:`rapport.serving.process.run_server`), so nothing answers on the port afterwards.
     """
+    from rapport.serving.auth import serve_check
     from rapport.serving.process import run_server
 
+    error, warning = serve_check(settings)
+    if error:
+        console.print(f"[red]error:[/] {error}", soft_wrap=True)
+        return 2
+    if warning:
+        console.print(f"[yellow]warning:[/] {warning}", soft_wrap=True)
     target = bento or "rapport.serving.service:Rapport"
     cmd = [
         sys.executable,
@@ -278,7 +288,8 @@ def run_service(settings: ServingSettings, *, bento: str | None) -> int:
     ]
     console.print(f"Serving {target} on http://{settings.host}:{settings.port} (Ctrl-C stops)")
     console.print(f"OpenAPI page: http://{settings.host}:{settings.port}/  Try:")
-    console.print(curl_example(settings.host, settings.port), soft_wrap=True, markup=False)
+    example = curl_example(settings.host, settings.port, with_key=settings.keys_required)
+    console.print(example, soft_wrap=True, markup=False)
     # the service reads its settings from the environment: the models chosen here go with it,
     # and paths are absolute because a Bento is served from its own folder
     env = {
@@ -288,6 +299,9 @@ def run_service(settings: ServingSettings, *, bento: str | None) -> int:
         "RAPPORT_CHURN_MODEL": settings.churn_model,
         "RAPPORT_CLV_MODEL": settings.clv_model,
         "RAPPORT_MODEL_ALIAS": settings.model_alias,
+        # decided here, where the bind address is known: the worker never sees it
+        "RAPPORT_REQUIRE_API_KEY": str(settings.keys_required).lower(),
+        "RAPPORT_API_KEYS_FILE": str(settings.keys_path.resolve()),
     }
     return run_server(cmd, env, grace_seconds=settings.stop_grace_seconds)
 
@@ -325,12 +339,25 @@ def serve(
     churn_model: ChurnModelOpt = None,
     clv_model: ClvModelOpt = None,
     alias: AliasOpt = None,
+    require_api_key: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-api-key/--no-require-api-key",
+            help="Require 'Authorization: Bearer <key>' (`rapport keys create`); default: "
+            "required unless --host is loopback (RAPPORT_REQUIRE_API_KEY).",
+        ),
+    ] = None,
 ) -> None:
     """Serve the champion models on 127.0.0.1 (the built Bento if any, else the registry)."""
     if ctx.invoked_subcommand is not None:
         return
     settings = _settings(
-        host=host, port=port, churn_model=churn_model, clv_model=clv_model, model_alias=alias
+        host=host,
+        port=port,
+        churn_model=churn_model,
+        clv_model=clv_model,
+        model_alias=alias,
+        require_api_key=require_api_key,
     )
     # models named on the command line come from the registry, not a Bento pinning others
     chosen = churn_model or clv_model or alias

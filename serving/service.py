@@ -4,14 +4,17 @@ Scoring endpoints live in the mounted FastAPI app (:mod:`rapport.serving.api`) u
 ``/v1``; BentoML adds ``/livez``, ``/readyz`` (ready only once the models are loaded),
 ``/metrics`` (Prometheus), the OpenAPI page at ``/`` and Bento packaging
 (``rapport serve build``). Models load on a background thread at start, so health checks
-answer while they load.
+answer while they load. API keys and request bounds: docs/security.md.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import bentoml
 
 from rapport.serving.api import API_PREFIX, create_app
+from rapport.serving.auth import ServerKeyMiddleware
 from rapport.serving.core import ServiceState
 from rapport.serving.patches import patch_timeout_middleware
 from rapport.serving.settings import ServingSettings
@@ -50,4 +53,15 @@ class RapportService:
         return self.state.ready
 
 
-Rapport = bentoml.service(**SERVICE_CONFIG)(bentoml.asgi_app(app, path=API_PREFIX)(RapportService))
+def make_service(cls: type[RapportService]) -> Any:
+    """The BentoML service of ``cls`` with the scoring app mounted under ``/v1``.
+
+    The scoring app asks for API keys itself; BentoML's own ``/metrics`` and health routes
+    get theirs from :class:`~rapport.serving.auth.ServerKeyMiddleware`.
+    """
+    service = bentoml.service(**SERVICE_CONFIG)(bentoml.asgi_app(app, path=API_PREFIX)(cls))
+    service.add_asgi_middleware(ServerKeyMiddleware)
+    return service
+
+
+Rapport = make_service(RapportService)
