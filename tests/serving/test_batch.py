@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import inspect
 import uuid
 
 import numpy as np
@@ -11,6 +12,10 @@ from typer.testing import CliRunner
 
 from rapport.serving.batch import OUTPUT_COLUMNS, score_batch, score_chunks
 from rapport.serving.cli import app
+from rapport.serving.cli import score as score_command
+
+#: ``rapport score``'s chunk size.
+DEFAULT_CHUNK_ROWS = inspect.signature(score_command).parameters["chunk_rows"].default
 
 
 def _scores(served, state, chunk_rows):
@@ -61,7 +66,7 @@ def pg_url():
 
 
 def test_postgres_table_is_swapped_in_whole_or_not_at_all(served, state, tmp_path, pg_url):
-    chunks = _scores(served, state, chunk_rows=500)
+    chunks = _scores(served, state, chunk_rows=DEFAULT_CHUNK_ROWS)
     result = score_batch(iter(chunks), tmp_path / "a.parquet", database_url=pg_url, table="scores")
     engine = sa.create_engine(pg_url)
     try:
@@ -80,6 +85,10 @@ def test_postgres_table_is_swapped_in_whole_or_not_at_all(served, state, tmp_pat
             assert conn.execute(sa.text("SELECT count(*) FROM scores")).scalar_one() == n
             tables = sa.inspect(conn).get_table_names()
             assert tables == ["scores"]
+            # the run chose the column types, the dates are dates
+            types = {c["name"]: str(c["type"]) for c in sa.inspect(conn).get_columns("scores")}
+            assert types["as_of"] == types["expected_next_purchase_date"] == "DATE"
+            assert types["churn_probability"] == "DOUBLE PRECISION"
         assert not (tmp_path / "b.parquet").exists()
     finally:
         engine.dispose()
@@ -148,3 +157,19 @@ def test_score_command(served, tmp_path, monkeypatch):
     )
     assert missing.exit_code == 2, missing.output
     assert "rapport-cdnow-churn" in missing.output
+
+
+def test_score_command_names_a_database_error_in_one_line(served, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAPPORT_HOME", str(served.home))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    absent = f"absent_{uuid.uuid4().hex[:8]}"
+    url = f"postgresql+psycopg://postgres:hunter2@127.0.0.1:5432/{absent}"
+    out = tmp_path / "scores.parquet"
+    result = CliRunner().invoke(
+        app, ["score", "--as-of", served.as_of.isoformat(), "--out", str(out), "--db-url", url]
+    )
+    assert result.exit_code == 2, result.output
+    text = " ".join(result.output.split())
+    assert text.count("error:") == 1 and len(result.output) < 1_000, result.output
+    assert "'rapport_scores'" in text and absent in text and "hunter2" not in text
+    assert not out.exists() and list(tmp_path.iterdir()) == []
