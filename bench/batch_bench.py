@@ -5,7 +5,7 @@ Usage::
     uv run --locked --extra dev python bench/batch_bench.py                  # 1M customers
     uv run --locked --extra dev python bench/batch_bench.py --customers 100000
 
-Target (from the issue): 1M customers scored in under 30 s on this machine, memory bounded
+Target: 1M customers scored in under 30 s on this machine, memory bounded
 by the chunk size. A seeded synthetic world is written once (``--data``, default
 ``bench/results/data_batch_<n>/``, never committed). The champion models come from
 ``--home`` (default ``.rapport``, as ``rapport demo`` leaves it; the synthetic generator gives

@@ -21,7 +21,7 @@ model trained on three folds and early-stopped / calibrated on the fourth). The 
 scored once, at the end, by models fitted on folds 1-4 and early-stopped / calibrated on fold
 0. The chosen configs live in ``training/configs/cdnow_{churn,clv}.yaml``.
 
-``--ceiling`` asks whether the issue's bar is within reach at all. It fits a grid of plain
+``--ceiling`` asks whether the target bar is within reach at all. It fits a grid of plain
 LightGBM and logistic models on the pool (folds 1-4, early-stopped on fold 0) and scores every
 one on the sample, then reports the best and median of them. Picking the best by its sample
 score peeks at the test set, so it is an upper bound for these model families, never a way to
@@ -71,7 +71,7 @@ N_FOLDS = 5
 SPLIT_SEED = 20240601
 GBC_SEEDS = (0, 1, 2, 3, 4)
 
-#: The issue's bar.
+#: The target bar.
 BAR = {"roc_auc": 0.79, "gini": 0.72, "decile_mape": 0.12, "total_tolerance": 0.10}
 #: Tuning only switches to a candidate that beats the incumbent by more than this.
 MIN_GAIN = {"churn": 0.0005, "clv": 0.001}

@@ -10,7 +10,7 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 (the high-water mark of its own address space, ``VmHWM``) is its own:
 
 - ``scan``: DuckDB reads the same columns of both Parquet files (a bare aggregate: nothing
-  is kept, so this is the strictest reading of the issue's "bare scan");
+  is kept, so this is the strictest reading of the target's "bare scan");
 - ``read``: DuckDB reads the same columns of both files into memory (Arrow tables): a scan
   that keeps what it reads, as every contender below must;
 - ``rapport``: ``build_features`` on the Parquet paths, one cutoff (the default engine: from
@@ -21,7 +21,7 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
   world with its rows in random order (the generator writes them grouped by customer and
   time, which spares the default engine its sort and helps its memory access);
 - ``plain``: a straightforward DuckDB query (``bench/plain_duckdb.py``: ``FILTER`` aggregates,
-  ``COUNT(DISTINCT)``, a subset of the features), the issue's reference point;
+  ``COUNT(DISTINCT)``, a subset of the features), the target's reference point;
 - ``rapport_12``: the same with 12 monthly cutoffs (a training set), computed by the grid
   (one pass over the events for every cutoff, the default);
 - ``rapport_12_sql``: the 12 cutoffs by the feature SQL instead (``cutoff_batch``: all 12 in

@@ -1,7 +1,7 @@
-"""A straightforward DuckDB feature query: the issue's reference point for the feature engine.
+"""A straightforward DuckDB feature query: the reference point of the feature engine's target.
 
-The issue measured "a straightforward DuckDB query" at 5.2 s on 10M + 10M events against a
-0.8 s bare scan, and set Rapport's target at twice as fast as that. This is such a query, for
+The target's reference puts "a straightforward DuckDB query" at 5.2 s on 10M + 10M events
+against a 0.8 s bare scan, and Rapport's target at twice as fast as that. This is such a query, for
 the benchmark only: one ``GROUP BY customer_id`` per table with a ``FILTER`` aggregate per
 window and per (channel, event) pair, ``COUNT(DISTINCT day)`` for purchase days, joined. It
 computes a subset of Rapport's features (no inter-purchase times, no repeat-day spend, no RFM

@@ -7,7 +7,7 @@ Usage::
     uv run --locked --extra dev python bench/training_bench.py \
         --override lightgbm.params.num_threads=2                      # a config override
 
-Target (from the issue): training on 1M synthetic customers in under 5 minutes with peak memory
+Target: training on 1M synthetic customers in under 5 minutes with peak memory
 under 8 GB. For each size a seeded synthetic world is written to Parquet once (``--data``,
 default ``bench/results/data_training/``, never committed); then each task (``churn``,
 ``clv``, shipped default configs plus any ``--override``) runs in a fresh subprocess with its

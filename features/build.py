@@ -810,10 +810,9 @@ GRID_BATCH_ROWS = 4_000_000
 
 #: Event rows times cutoffs from which the grid is the default engine. Its compiled kernels
 #: cost about 0.6 s to import and load in a fresh process, which the feature SQL alone does
-#: not spend. One cutoff, fresh processes, numba's import on the clock (session 13): 0.3M
+#: not spend. One cutoff, fresh processes, numba's import on the clock: 0.3M
 #: transactions + 0.38M interactions, SQL 0.43-0.49 s against the grid 0.79-0.99 s; 0.6M +
 #: 0.75M, 0.62-0.83 s against 0.67-1.02 s; 1M + 1.25M, 1.15-1.36 s against 0.82-1.07 s.
-#: (Session 9, before the grid's reads and sorts were rewritten, put the crossing at 5M.)
 GRID_MIN_ROW_CUTOFFS = 2_000_000
 
 

@@ -13,8 +13,8 @@ Here each event is read once, by compiled kernels (:mod:`rapport.features.kernel
 
 Both write each (customer, cutoff)'s aggregates straight into its column of the output: no
 temporary array per aggregate, window or mark. On a 2-core VM those temporaries cost more in
-fresh memory pages than in arithmetic (the numpy engine this replaced spent a quarter of its
-time in the kernel zeroing pages).
+fresh memory pages than in arithmetic (a numpy version of these aggregates spends a quarter
+of its time in the kernel zeroing pages).
 
 The result has exactly the columns of the SQL's ``tx_agg`` and ``ix_feat`` for the unpacked
 spec, and every feature is then derived from it by the same SQL
