@@ -13,23 +13,38 @@ import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from rapport.serving.scoring import ModelVersion, Scorer, Scores
 
 
-def _no_nonfinite(value: Any) -> Any:
-    """Refuse NaN and infinities where text is expected (they would read as "nan", "inf")."""
+def is_utf8(text: str) -> bool:
+    """False for text with a lone surrogate (an unpaired UTF-16 half): no answer can carry it."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _text_value(value: Any) -> Any:
+    """Refuse NaN and infinities where text belongs (read as "nan", "inf"), and lone surrogates."""
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError("must be text or a finite number")
+    if isinstance(value, str) and not is_utf8(value):
+        raise ValueError("must be valid Unicode (no lone surrogates)")
     return value
 
 
 #: Customer ids: text, at least one character (numbers are accepted and read as text); at
 #: most RAPPORT_MAX_ID_LENGTH (default 200), checked by the service.
-CustomerId = Annotated[str, BeforeValidator(_no_nonfinite), Field(min_length=1)]
+CustomerId = Annotated[str, BeforeValidator(_text_value), Field(min_length=1)]
 #: Order ids: text or a number read as text; at most RAPPORT_MAX_ID_LENGTH characters.
-OrderId = Annotated[str, BeforeValidator(_no_nonfinite)]
+OrderId = Annotated[str, BeforeValidator(_text_value)]
+#: Other text: valid Unicode.
+Text = Annotated[str, BeforeValidator(_text_value)]
 
 _ROW_EXAMPLE: dict[str, Any] = {
     "customer_id": "C-1042",
@@ -66,6 +81,13 @@ class FeatureRow(BaseModel):
     )
     # Typed extras: every feature is a finite number, a text (categories) or null.
     __pydantic_extra__: dict[str, float | str | None] = Field(init=False)
+
+    @model_validator(mode="after")
+    def _unicode_features(self) -> FeatureRow:
+        for key, value in (self.__pydantic_extra__ or {}).items():
+            if not is_utf8(key) or (isinstance(value, str) and not is_utf8(value)):
+                raise ValueError("feature names and values must be valid Unicode")
+        return self
 
 
 class ScoreRequest(BaseModel):
@@ -104,8 +126,8 @@ class Interaction(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     timestamp: dt.datetime = Field(description="When (ISO date or date-time; UTC if naive).")
-    channel: str = Field(min_length=1, max_length=50, description="e.g. email, web, phone.")
-    event: str = Field(min_length=1, max_length=50, description="e.g. sent, open, visit.")
+    channel: Text = Field(min_length=1, max_length=50, description="e.g. email, web, phone.")
+    event: Text = Field(min_length=1, max_length=50, description="e.g. sent, open, visit.")
 
 
 class CustomerHistory(BaseModel):
