@@ -312,6 +312,11 @@ def train(
 ) -> TrainingResult:
     """Train one model, track it in MLflow, register it and apply the gate.
 
+    Runs of the experiment left RUNNING by a killed training process are ended as KILLED
+    first (:func:`~rapport.training.tracking.close_dead_runs`). The aliases move only once
+    the run has ended FINISHED: a run that fails, is stopped by a signal or is killed leaves
+    both where they were, and its registered version (if any) without an alias.
+
     Parameters
     ----------
     config
@@ -332,51 +337,19 @@ def train(
     settings = settings or TrainingSettings()
     tracking.configure(settings)
     experiment_id = tracking.ensure_experiment(config.experiment, settings)
+    tracking.close_dead_runs([experiment_id])
     if source is None:
         source = str(transactions) if isinstance(transactions, str | Path) else "dataframe"
     with step("Building the labelled training set"):
         frame, split = prepare_training_set(config, transactions, interactions, settings=settings)
-        train_rows, valid_rows, test_rows = split_frame(frame, split)
+        parts = split_frame(frame, split)
         pairs = frame.attrs.get(INTERACTION_PAIRS, ())
         loads = {k: LoadReport.from_attrs(v) for k, v in frame.attrs.get(LOADS, {}).items()}
         del frame
-        rows_available = len(train_rows)
-        if config.max_train_rows is not None and rows_available > config.max_train_rows:
-            train_rows = train_rows.sample(config.max_train_rows, random_state=config.seed)
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=f"{config.task}-{split.test}"
-    ) as run:
-        mlflow.set_tags(
-            {"rapport.task": config.task, "rapport.registered_name": config.registered_name}
-        )
-        mlflow.log_params(_flat_params(config))
-        mlflow.log_params(
-            {
-                "train_cutoffs": ",".join(map(str, split.train)),
-                "valid_cutoff": str(split.valid),
-                "test_cutoff": str(split.test),
-                "split": split.describe(),
-                "data_source": source,
-                "train_rows_available": rows_available,
-            }
-        )
-        mlflow.log_text(
-            yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml"
-        )
-        currency = _log_loads(loads)
-        for role, part in (("train", train_rows), ("valid", valid_rows), ("test", test_rows)):
-            dataset = from_pandas(
-                part,
-                digest=frame_digest(part),
-                source=source,
-                name=f"{config.task}-{role}",
-                targets=config.label,
-            )
-            # MLflow infers the column types from every row (25 s at 550k rows) into a cached
-            # property; the first rows give the same types.
-            dataset.__dict__["schema"] = infer_signature(part.head(SCHEMA_ROWS)).inputs
-            mlflow.log_input(dataset, context=role, tags={"rows": str(len(part))})
-            mlflow.log_metric(f"rows_{role}", len(part))
+        rows_available = len(parts[0])
+        train_rows, valid_rows, test_rows = parts = _capped(config, parts)
+    with tracking.open_run(experiment_id, f"{config.task}-{split.test}") as run:
+        currency = _log_inputs(config, split, parts, source, loads, rows_available)
         if config.tuning.trials:
             with step(f"Tuning the {config.task} model ({config.tuning.trials} trials)"):
                 config = _tuned(config, train_rows, valid_rows)
@@ -392,28 +365,85 @@ def train(
             new_version = _log_model(evaluation, config, test_rows, str(split.test), currency)
         with step("Comparing with the champion and the best baseline"):
             decision = _gate(evaluation, config, transactions, interactions, test_rows)
-        mlflow.set_tags({"rapport.gate": "pass" if decision.promote else "fail"})
-        mlflow.log_text(decision.reason, "gate.txt")
-        client = mlflow.MlflowClient()
-        client.set_model_version_tag(config.registered_name, new_version, "gate", decision.reason)
-        client.set_model_version_tag(
-            config.registered_name, new_version, "test_cutoff", str(split.test)
+        _log_decision(config, new_version, decision, str(split.test))
+    # The run has ended FINISHED: only now do the aliases move.
+    tracking.set_alias(config.registered_name, tracking.CHALLENGER, new_version)
+    if decision.promote:
+        tracking.set_alias(config.registered_name, tracking.CHAMPION, new_version)
+    return TrainingResult(
+        run_id=run.info.run_id,
+        registered_name=config.registered_name,
+        version=new_version,
+        promoted=decision.promote,
+        gate_reason=decision.reason,
+        metrics=evaluation.table(),
+        split=split,
+        selected=evaluation.selected,
+        notes=tuple(summary_lines(evaluation)),
+    )
+
+
+Parts = tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
+
+
+def _capped(config: ModelConfig, parts: Parts) -> Parts:
+    """The parts, with the training rows sampled down to ``config.max_train_rows``."""
+    train_rows, valid_rows, test_rows = parts
+    if config.max_train_rows is not None and len(train_rows) > config.max_train_rows:
+        train_rows = train_rows.sample(config.max_train_rows, random_state=config.seed)
+    return train_rows, valid_rows, test_rows
+
+
+def _log_inputs(
+    config: ModelConfig,
+    split: TrainingSplit,
+    parts: Parts,
+    source: str,
+    loads: dict[str, LoadReport],
+    rows_available: int,
+) -> str | None:
+    """Log the config, the split, the loads and the three data sets; the data's currency."""
+    mlflow.set_tags(
+        {"rapport.task": config.task, "rapport.registered_name": config.registered_name}
+    )
+    mlflow.log_params(_flat_params(config))
+    mlflow.log_params(
+        {
+            "train_cutoffs": ",".join(map(str, split.train)),
+            "valid_cutoff": str(split.valid),
+            "test_cutoff": str(split.test),
+            "split": split.describe(),
+            "data_source": source,
+            "train_rows_available": rows_available,
+        }
+    )
+    mlflow.log_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), "config.yaml")
+    currency = _log_loads(loads)
+    for role, part in zip(("train", "valid", "test"), parts, strict=True):
+        dataset = from_pandas(
+            part,
+            digest=frame_digest(part),
+            source=source,
+            name=f"{config.task}-{role}",
+            targets=config.label,
         )
-        # The aliases move last: any failure above leaves both where they were.
-        tracking.set_alias(config.registered_name, tracking.CHALLENGER, new_version)
-        if decision.promote:
-            tracking.set_alias(config.registered_name, tracking.CHAMPION, new_version)
-        return TrainingResult(
-            run_id=run.info.run_id,
-            registered_name=config.registered_name,
-            version=new_version,
-            promoted=decision.promote,
-            gate_reason=decision.reason,
-            metrics=evaluation.table(),
-            split=split,
-            selected=evaluation.selected,
-            notes=tuple(summary_lines(evaluation)),
-        )
+        # MLflow infers the column types from every row (25 s at 550k rows) into a cached
+        # property; the first rows give the same types.
+        dataset.__dict__["schema"] = infer_signature(part.head(SCHEMA_ROWS)).inputs
+        mlflow.log_input(dataset, context=role, tags={"rows": str(len(part))})
+        mlflow.log_metric(f"rows_{role}", len(part))
+    return currency
+
+
+def _log_decision(
+    config: ModelConfig, version: str, decision: tracking.GateDecision, test_cutoff: str
+) -> None:
+    """Record the gate's decision on the run and on the new version."""
+    mlflow.set_tags({"rapport.gate": "pass" if decision.promote else "fail"})
+    mlflow.log_text(decision.reason, "gate.txt")
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(config.registered_name, version, "gate", decision.reason)
+    client.set_model_version_tag(config.registered_name, version, "test_cutoff", test_cutoff)
 
 
 def _log_loads(loads: dict[str, LoadReport]) -> str | None:

@@ -1,18 +1,29 @@
-"""MLflow plumbing: the store, experiments, registered models, aliases and the gate.
+"""MLflow plumbing: the store, experiments, run states, registered models, aliases, the gate.
 
 Aliases, never the deprecated stages: every new version gets ``challenger``; ``champion``
-moves only when the gate passes, as the very last step of a successful run.
+moves only when the gate passes, as the very last step of a successful run, once the run
+has ended FINISHED.
+
+A run records the process and host that run it (:data:`PID_TAG`, :data:`HOST_TAG`). A stop
+signal ends the open run as KILLED (:func:`open_run`); a process killed outright cannot end
+its run, so the next training start ends every run it left RUNNING (:func:`close_dead_runs`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import math
 import os
-from collections.abc import Callable
+import signal
+import socket
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import mlflow
@@ -25,8 +36,17 @@ from rapport.training.config import GateConfig
 from rapport.training.models import FeatureSchemaError
 from rapport.training.settings import TrainingSettings
 
+log = logging.getLogger(__name__)
+
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+#: Run tags naming the process that runs a training run.
+PID_TAG = "rapport.pid"
+HOST_TAG = "rapport.host"
+#: Run tag saying why a run ended KILLED rather than as training ended it.
+END_NOTE_TAG = "rapport.end_note"
+#: MLflow's tag linking a nested run (a tuning trial) to its parent.
+PARENT_TAG = "mlflow.parentRunId"
 
 
 def configure(settings: TrainingSettings | None = None) -> str:
@@ -71,6 +91,125 @@ def ensure_experiment(name: str, settings: TrainingSettings | None = None) -> st
     if found is not None:
         return str(found.experiment_id)
     return str(client.create_experiment(name, artifact_location=settings.artifact_root))
+
+
+class TrainingStopped(KeyboardInterrupt):
+    """A stop signal (SIGTERM or SIGINT) arrived while a training run was open."""
+
+
+def owner_tags() -> dict[str, str]:
+    """The run tags naming this process: its pid and host."""
+    return {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+
+
+@contextlib.contextmanager
+def stop_signals_raise() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into :class:`TrainingStopped` inside the block.
+
+    SIGTERM's default action ends the process on the spot, leaving its run RUNNING; raised
+    as an exception, it unwinds the run's ``with`` block like Ctrl-C does. Handlers are only
+    installed from the main thread (Python's rule); elsewhere the block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise TrainingStopped(f"stopped by {signal.Signals(signum).name}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@contextlib.contextmanager
+def open_run(experiment_id: str, run_name: str) -> Iterator[mlflow.ActiveRun]:
+    """A tagged MLflow run that a stop signal ends as KILLED, with a note saying why.
+
+    The run ends FINISHED when the block completes and FAILED when it raises; SIGTERM or
+    SIGINT ends it KILLED and the :class:`TrainingStopped` goes on up.
+    """
+    with (
+        stop_signals_raise(),
+        mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run,
+    ):
+        mlflow.set_tags(owner_tags())
+        try:
+            yield run
+        except TrainingStopped as stop:
+            mlflow.set_tag(END_NOTE_TAG, f"{stop} before training finished")
+            mlflow.end_run("KILLED")
+            raise
+
+
+def _process_gone(pid: int, started_ms: int) -> bool:
+    """True when no process ``pid`` that could have started a run at ``started_ms`` runs here.
+
+    A pid taken over by a process younger than the run is not the run's. psutil comes with
+    BentoML.
+    """
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        # a second of slack for the clocks behind the two times
+        return bool(process.create_time() > started_ms / 1000 + 1.0)
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:  # it exists, but may not be looked at (another user's)
+        return False
+
+
+def _end_killed(client: MlflowClient, run_id: str, note: str) -> None:
+    client.set_tag(run_id, END_NOTE_TAG, note)
+    client.set_terminated(run_id, status="KILLED")
+    log.warning("run %s ended as KILLED: %s", run_id, note)
+
+
+def close_dead_runs(experiment_ids: list[str]) -> list[str]:
+    """End, as KILLED with a note, the runs of these experiments whose process is gone.
+
+    A training process killed outright (SIGKILL, out of memory) cannot end its run, which
+    would stay RUNNING for good. A run is closed when it names this host and a pid no
+    longer running (:data:`PID_TAG`, :data:`HOST_TAG`); a nested run (a tuning trial)
+    still RUNNING under a parent that has ended is closed with it. Runs of other hosts,
+    and runs without the tags, are left as they are: nothing here can tell they are dead.
+
+    Returns
+    -------
+    list of str
+        The ids of the runs ended, parents first.
+    """
+    client = MlflowClient()
+    running = client.search_runs(
+        experiment_ids, filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    host = socket.gethostname()
+    ended: list[str] = []
+    for run in running:
+        pid = run.data.tags.get(PID_TAG, "")
+        if run.data.tags.get(HOST_TAG) != host or not pid.isdigit():
+            continue
+        if _process_gone(int(pid), run.info.start_time):
+            note = (
+                f"process {pid} on {host} ended without ending this run (killed); "
+                "closed when training next started"
+            )
+            _end_killed(client, run.info.run_id, note)
+            ended.append(run.info.run_id)
+    still_running = {run.info.run_id for run in running} - set(ended)
+    for run in running:
+        parent = run.data.tags.get(PARENT_TAG)
+        if parent is None or run.info.run_id in ended or parent in still_running:
+            continue
+        _end_killed(client, run.info.run_id, f"its parent run {parent} has ended")
+        ended.append(run.info.run_id)
+    return ended
 
 
 def version_by_alias(name: str, alias: str) -> ModelVersion | None:
