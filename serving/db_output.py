@@ -30,7 +30,7 @@ import hashlib
 import os
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
 from types import TracebackType
 from typing import Any, Literal
@@ -134,8 +134,8 @@ def copy_fields(values: pd.Series, kind: ColumnKind) -> np.ndarray:
     null = values.isna().to_numpy()
     if kind == "double":
         numbers = values.to_numpy(dtype="float64", na_value=np.nan)
-        # numpy prints the shortest text that reads back to the same double
-        out = numbers.astype(str).astype(object)
+        # repr is the shortest text that reads back to the same double (and fast)
+        out = np.array(list(map(repr, numbers.tolist())), dtype=object)
         out[np.isposinf(numbers)] = "Infinity"
         out[np.isneginf(numbers)] = "-Infinity"
     elif kind in ("date", "timestamp", "timestamptz"):
@@ -145,12 +145,23 @@ def copy_fields(values: pd.Series, kind: ColumnKind) -> np.ndarray:
             out = out + "+00"
     elif kind == "boolean":
         out = np.where(values.fillna(False).to_numpy(dtype=bool), "t", "f").astype(object)
-    elif kind == "bigint":
-        out = values.astype(object).map(str).to_numpy()
     else:
-        out = values.astype(object).map(lambda v: str(v).translate(_COPY_ESCAPES)).to_numpy()
+        # each distinct value is rendered once: ids, tiers, model names repeat a lot
+        codes, uniques = pd.factorize(values, use_na_sentinel=True)
+        out = np.array([*_texts(uniques, kind), "\\N"], dtype=object)[codes]
     out[null] = "\\N"
     return out
+
+
+def _texts(values: Iterable[object], kind: ColumnKind) -> list[str]:
+    """Distinct values as ``COPY`` text; escaped only when a special character occurs."""
+    if kind == "bigint":
+        return [str(int(v)) for v in values]  # type: ignore[call-overload]
+    texts = [v if isinstance(v, str) else str(v) for v in values]
+    joined = "".join(texts)
+    if any(c in joined for c in "\\\t\n\r"):
+        texts = [t.translate(_COPY_ESCAPES) for t in texts]
+    return texts
 
 
 def python_values(values: pd.Series, kind: ColumnKind) -> list[object]:
