@@ -24,6 +24,7 @@ import yaml
 from bentoml._internal.server.http.traffic import TimeoutMiddleware
 from starlette.testclient import TestClient
 
+from rapport.serving.auth import create_key
 from rapport.serving.patches import patch_timeout_middleware
 
 
@@ -153,9 +154,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
+def _get(url: str, timeout: float = 5, headers: dict | None = None) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=timeout
+        ) as r:
             return r.status, r.read()
     except urllib.error.HTTPError as err:
         return err.code, err.read()
@@ -163,9 +166,11 @@ def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         return 0, b""
 
 
-def _post(url: str, body: dict) -> tuple[int, dict]:
+def _post(url: str, body: dict, headers: dict | None = None) -> tuple[int, dict]:
     req = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
@@ -223,8 +228,12 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
     assert any(p.startswith("lightgbm==") for p in bentofile["python"]["packages"])
 
     port = _free_port()
+    # Keys asked for on loopback too: the Bento's service guards its routes like the package's.
+    _, key = create_key(tmp_path / "keys.json", "test")
+    auth = {"Authorization": f"Bearer {key}"}
+    env["RAPPORT_API_KEYS_FILE"] = str(tmp_path / "keys.json")
     proc = subprocess.Popen(
-        [rapport, "serve", "--port", str(port)],
+        [rapport, "serve", "--port", str(port), "--require-api-key"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -234,13 +243,18 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
     try:
         status = _wait_ready(proc, f"{base}/readyz")
         assert status == 200, f"server not ready (exit code {proc.poll()})"
-        status, info = _post(f"{base}/v1/score/by-id", {"customer_ids": ["1", "nobody"]})
+        status, info = _post(f"{base}/v1/score/by-id", {"customer_ids": ["1"]})
+        assert status == 401, info
+        assert _get(f"{base}/metrics")[0] == 401
+        status, info = _post(
+            f"{base}/v1/score/by-id", {"customer_ids": ["1", "nobody"]}, headers=auth
+        )
         assert status == 200, info
         assert info["missing"] == [
             {"customer_id": "nobody", "reason": "not in the feature snapshot"}
         ]
         ids = [str(c) for c in served.snapshot["customer_id"].head(20)]
-        status, body = _post(f"{base}/v1/score/by-id", {"customer_ids": ids})
+        status, body = _post(f"{base}/v1/score/by-id", {"customer_ids": ids}, headers=auth)
         assert status == 200
         expected = state.scorer.score_frame(served.snapshot.head(20))
         np.testing.assert_allclose(
@@ -249,7 +263,7 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
         np.testing.assert_allclose(
             [s["predicted_value"] for s in body["scores"]], expected.predicted_value
         )
-        _, raw = _get(f"{base}/v1/info")
+        _, raw = _get(f"{base}/v1/info", headers=auth)
         models = json.loads(raw)["models"]
         # The snapshot (as of 2024-12-31) is older than RAPPORT_SNAPSHOT_MAX_AGE_DAYS' 7 days.
         assert "days ago" in " ".join(json.loads(raw)["warnings"])
@@ -259,7 +273,7 @@ def test_built_bento_served_by_bentoml_on_loopback(served, state, tmp_path):
         ]
         # Served from the Bento's pinned copies, not from the registry.
         assert [m["source"].split(":")[0] for m in models] == ["bentoml"] * 2
-        status, metrics = _get(f"{base}/metrics")
+        status, metrics = _get(f"{base}/metrics", headers=auth)
         assert status == 200 and b"rapport_customers_scored_total" in metrics
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
