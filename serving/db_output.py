@@ -4,10 +4,11 @@
 (``{table}__staging_{pid}_{tag}``), created with explicit column types, then replaces the
 target table with it in one transaction:
 
-* PostgreSQL (``postgresql+psycopg://``, or ``psycopg2``) loads each chunk with
+* PostgreSQL through psycopg 3 (``postgresql+psycopg://``) loads each chunk with
   ``COPY ... FROM STDIN``, so a chunk has no size limit (a multi-row ``INSERT`` with one
-  parameter per cell stops at 65,535 parameters). Other databases (SQLite) get an
-  ``executemany`` insert in bounded batches, which has no per-statement limit either.
+  parameter per cell stops at 65,535 parameters). Other databases and drivers (SQLite,
+  ``postgresql://`` through psycopg2) get an ``executemany`` insert in bounded batches,
+  which has no per-statement limit either.
 * Swaps of one table are serialised: PostgreSQL takes a transaction advisory lock keyed on
   the table name, SQLite takes the database's write lock (``BEGIN IMMEDIATE``). Drop and
   rename commit together, so readers see the old table or the new one, and of runs that
@@ -16,8 +17,10 @@ target table with it in one transaction:
   tables whose run is gone. On PostgreSQL a run holds a session advisory lock keyed on its
   staging name from before the table exists until it ends; the lock dies with the run's
   connection, so a staging table whose lock is free is a leftover, whichever host wrote
-  it. Elsewhere the owner's process id in the name is checked on this host (SQLite files
-  are written from the host that holds them).
+  it; the server notices a killed client's closed connection within moments, and a
+  staging table still locked then waits for the run after. Elsewhere the owner's process
+  id in the name is checked on this host (SQLite files are written from the host that
+  holds them).
 
 Database errors surface as :class:`DatabaseOutputError`: one line naming the table and
 the database (password hidden) with the driver's first line, never the statement or rows.
