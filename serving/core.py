@@ -14,6 +14,7 @@ import datetime as dt
 import gc
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,11 @@ import pandas as pd
 from rapport.features.build import build_features, connect, iter_features, write_features
 from rapport.features.contracts import DataValidationError, TableSource, validate_table
 from rapport.features.segments import SCORED_FEATURES, scores_against
+from rapport.serving import cache
 from rapport.serving import schemas as s
 from rapport.serving.limits import Deadline
+from rapport.serving.redact import redact, shown_path
 from rapport.serving.scoring import LoadedModel, ModelVersion, Scorer, load_pyfunc_dir
-from rapport.serving.scoring import load_registered as load_from_registry
 from rapport.serving.settings import ServingSettings
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,10 @@ class InputError(ValueError):
 
 class NotReadyError(RuntimeError):
     """The models are not loaded (yet, or loading failed)."""
+
+
+class SnapshotUnavailableError(NotReadyError):
+    """Scoring by id needs the feature snapshot, which did not load (the message says why)."""
 
 
 @dataclass
@@ -237,15 +243,20 @@ def snapshot_staleness(
 def load_models(settings: ServingSettings) -> tuple[LoadedModel, LoadedModel]:
     """The churn and value models: the Bento's pinned ones, else the registry's alias."""
     if settings.churn_bento_model and settings.clv_bento_model:
-        return (
+        pinned = (
             _load_bento_model(settings.churn_bento_model),
             _load_bento_model(settings.clv_bento_model),
         )
-    uri = settings.tracking_uri
-    return (
-        load_from_registry(settings.churn_model, settings.model_alias, tracking_uri=uri),
-        load_from_registry(settings.clv_model, settings.model_alias, tracking_uri=uri),
+        cache.pin_server(settings.home, [m.version for m in pinned])
+        return pinned
+    # Through local copies of the registered versions: a replacement worker loads in a moment.
+    churn, value = cache.load_registered(
+        settings.home,
+        [settings.churn_model, settings.clv_model],
+        settings.model_alias,
+        tracking_uri=settings.tracking_uri,
     )
+    return churn, value
 
 
 def _load_bento_model(tag: str) -> LoadedModel:
@@ -277,9 +288,12 @@ class ServiceState:
         self.scorer: Scorer | None = None
         self.snapshot: FeatureSnapshot | None = None
         self.reference: pd.DataFrame | None = None
+        #: Why loading failed, as answers show it (paths relative to RAPPORT_HOME).
         self.error: str | None = None
         #: What start-up found wrong short of failing: no, an incomplete or a stale snapshot.
         self.warnings: list[str] = []
+        #: Why no snapshot is loaded (scoring by id answers 503 with it).
+        self.snapshot_problem: str | None = None
         self._loaded = threading.Event()
         self._duckdb_lock = threading.Lock()
         self._con: Any = None
@@ -288,6 +302,7 @@ class ServiceState:
 
     def load(self) -> ServiceState:
         """Load models and snapshot (blocking); failures are kept in :attr:`error`."""
+        start = time.monotonic()
         try:
             churn, value = load_models(self.settings)
             scorer = Scorer(churn, value)
@@ -298,8 +313,14 @@ class ServiceState:
             # stalled requests for ~250 ms on every full collection under load.
             gc.collect()
             gc.freeze()
+            log.info(
+                "loaded %s and %s in %.1f s",
+                churn.version.label,
+                value.version.label,
+                time.monotonic() - start,
+            )
         except Exception as err:
-            self.error = f"{type(err).__name__}: {err}"
+            self.error = redact(f"{type(err).__name__}: {err}", self.settings.home)
             log.exception("loading the models failed")
         finally:
             self._loaded.set()
@@ -314,13 +335,13 @@ class ServiceState:
         path = self.settings.snapshot_path
         fix = "write one with `rapport snapshot`"
         if not path.exists():
-            self._warn(f"no feature snapshot at {path}: scoring by id finds nobody; {fix}")
+            self._unloaded(f"no feature snapshot at {path}: scoring by id finds nobody; {fix}")
             return
         try:
             frame = pd.read_parquet(path)
             missing = missing_inputs(frame.columns, scorer)
             if missing:
-                self._warn(
+                self._unloaded(
                     f"feature snapshot {path} lacks {len(missing)} feature(s) the served "
                     f"models need ({_some(missing)}): not loaded, scoring by id finds "
                     f"nobody; {fix} (it builds the models' features)"
@@ -328,16 +349,22 @@ class ServiceState:
                 return
             self.snapshot = FeatureSnapshot.from_frame(frame, scorer, str(path))
         except Exception as err:
-            self._warn(f"feature snapshot {path} not loaded: {type(err).__name__}: {err}")
+            self._unloaded(f"feature snapshot {path} not loaded: {type(err).__name__}: {err}")
             return
         self.reference = self.snapshot.reference()
         stale = snapshot_staleness(self.snapshot.latest, self.settings.snapshot_max_age_days)
         if stale:
             self._warn(f"feature snapshot {path} {stale}; refresh it with `rapport snapshot`")
 
-    def _warn(self, message: str) -> None:
-        self.warnings.append(message)
+    def _warn(self, message: str) -> str:
+        """Log ``message`` in full; keep it for /v1/info with paths as answers show them."""
         log.warning("%s", message)
+        shown = redact(message, self.settings.home)
+        self.warnings.append(shown)
+        return shown
+
+    def _unloaded(self, message: str) -> None:
+        self.snapshot_problem = self._warn(message)
 
     def load_in_background(self) -> threading.Thread:
         """Start loading on a thread; :attr:`ready` turns true when done."""
@@ -410,13 +437,18 @@ class ServiceState:
         self._check_size(len(request.customer_ids), "customer_ids")
         self._check_ids(request.customer_ids, ["body", "customer_ids"])
         snap = self.snapshot
+        if snap is None:
+            # Not an empty answer with every id missing: clients and monitors must see that
+            # the route cannot work until the snapshot is fixed.
+            problem = self.snapshot_problem or "the feature snapshot is not loaded"
+            raise SnapshotUnavailableError(f"scoring by id needs the feature snapshot: {problem}")
         found: list[int] = []
         ids: list[str] = []
         missing: list[s.MissingCustomer] = []
         for cid in request.customer_ids:
-            pos = snap.index.get(cid) if snap is not None else None
+            pos = snap.index.get(cid)
             if pos is None:
-                reason = "not in the feature snapshot" if snap is not None else "no snapshot loaded"
+                reason = "not in the feature snapshot"
                 missing.append(s.MissingCustomer(customer_id=cid, reason=reason))
             else:
                 found.append(pos)
@@ -738,7 +770,7 @@ class ServiceState:
             categorical=sorted(scorer.categorical) if scorer else [],
             snapshot=(
                 s.SnapshotInfo(
-                    path=snap.path,
+                    path=shown_path(snap.path, self.settings.home) if snap.path else None,
                     as_of=snap.latest,
                     customers=len(snap.index),
                     age_days=snapshot_age_days(snap.latest),

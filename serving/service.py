@@ -13,6 +13,7 @@ from typing import Any
 
 import bentoml
 
+from rapport.serving import cache, metrics, workers
 from rapport.serving.api import API_PREFIX, create_app
 from rapport.serving.auth import ServerKeyMiddleware
 from rapport.serving.core import ServiceState
@@ -20,8 +21,12 @@ from rapport.serving.patches import patch_timeout_middleware
 from rapport.serving.settings import ServingSettings
 
 patch_timeout_middleware()
+# In `bentoml serve`'s manager (which imports this module): log and replace dead workers.
+workers.install()
 
 app = create_app()
+# BentoML's request metrics by route template, not by raw path (bounded series).
+metrics.install(metrics.RouteLabels(metrics.app_routes(app, API_PREFIX), metrics.BENTOML_STATIC))
 
 #: Service options. One worker: LightGBM predictions are small and a second process would
 #: double the memory; scale out with more replicas. Requests time out after 30 s. The scoring
@@ -43,7 +48,12 @@ class RapportService:
     def __init__(self) -> None:
         self.state = ServiceState(self.make_settings())
         app.state.rapport = self.state
-        self.state.load_in_background()
+        if cache.restarting(self.state.settings.home):
+            # A replacement worker loads the local copies in a moment: loading before the
+            # worker accepts keeps requests queued at the socket instead of answered 503.
+            self.state.load()
+        else:
+            self.state.load_in_background()
 
     def make_settings(self) -> ServingSettings:
         """Settings from the environment (a built Bento pins its model tags here)."""

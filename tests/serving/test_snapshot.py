@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from rapport.features.build import build_features
 from rapport.serving.cli import app
-from rapport.serving.core import ServiceState, snapshot_staleness
+from rapport.serving.core import ServiceState, SnapshotUnavailableError, snapshot_staleness
 from rapport.serving.schemas import ByIdRequest, ScoreRequest
 
 runner = CliRunner()
@@ -107,7 +107,9 @@ def test_stale_snapshot_is_named_at_start(served, caplog):
     assert info.snapshot is not None and info.snapshot.age_days == age
     assert len(info.warnings) == 1 and f"{age} days ago" in info.warnings[0]
     assert f"RAPPORT_SNAPSHOT_MAX_AGE_DAYS={age - 1}" in info.warnings[0]
-    assert info.warnings[0] in caplog.messages
+    # the log names the file in full, /v1/info relative to RAPPORT_HOME
+    assert "$RAPPORT_HOME/snapshot.parquet" in info.warnings[0]
+    assert info.warnings[0].replace("$RAPPORT_HOME", str(served.home)) in caplog.messages
     # within its maximum age: nothing to say
     assert snapshot_staleness(served.as_of, age, today=served.as_of + dt.timedelta(age)) is None
 
@@ -120,16 +122,27 @@ def test_snapshot_lacking_model_features_is_named_and_the_rest_serves(
         partial
     )
     missing = tmp_path / "nothing-here.parquet"
-    for path, says in ((partial, "the served models need"), (missing, "no feature snapshot at")):
+    corrupt = tmp_path / "corrupt.parquet"
+    corrupt.write_bytes(b"PAR1 not really a parquet file")
+    cases = (
+        (partial, "the served models need"),
+        (missing, "no feature snapshot at"),
+        (corrupt, "not loaded"),
+    )
+    for path, says in cases:
         with caplog.at_level(logging.WARNING, logger="rapport.serving.core"):
             loaded = ServiceState(served.settings(snapshot=path)).load()
         # Scoring posted rows needs no snapshot: the service is up.
         assert loaded.ready, loaded.error
         assert loaded.snapshot is None
         warnings = loaded.info().warnings
-        assert len(warnings) == 1 and says in warnings[0] and str(path) in warnings[0]
-        assert warnings[0] in caplog.messages
-        found = loaded.score_ids(ByIdRequest(customer_ids=["1"]))
-        assert found.scores == [] and found.missing[0].reason == "no snapshot loaded"
+        assert len(warnings) == 1 and says in warnings[0] and path.name in warnings[0]
+        # The log names the file in full; answers name it without the server's folders.
+        assert str(tmp_path) not in warnings[0]
+        assert any(str(path) in m and says in m for m in caplog.messages)
+        # Scoring by id cannot work without it, and says why.
+        with pytest.raises(SnapshotUnavailableError, match=says) as refused:
+            loaded.score_ids(ByIdRequest(customer_ids=["1"]))
+        assert path.name in str(refused.value)
         rows = ScoreRequest(customers=[json_row(served.snapshot, 0)])
         assert len(loaded.score_rows(rows).scores) == 1
