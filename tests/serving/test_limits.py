@@ -253,7 +253,13 @@ def test_health_answers_while_a_history_request_computes(served, monkeypatch, tm
         return real(*args, **kwargs)
 
     monkeypatch.setattr(core, "build_features", held)
-    with TestClient(Rapport.to_asgi()) as client:
+    # Rapport.to_asgi() without BentoML's metrics middleware: it registers its histograms in
+    # the process-wide registry, which a second app in one test session would duplicate.
+    from _bentoml_impl.server.app import ServiceAppFactory
+
+    Rapport.inject_config()
+    asgi = ServiceAppFactory(Rapport, is_main=True, enable_metrics=False)()
+    with TestClient(asgi) as client:
         assert app.state.rapport._loaded.wait(60)
         answer: dict[str, object] = {}
         worker = threading.Thread(
