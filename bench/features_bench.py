@@ -27,7 +27,8 @@ to Parquet once, then every measurement runs in a fresh subprocess so that its p
 - ``rapport_12_sql``: the 12 cutoffs by the feature SQL instead (``cutoff_batch``: all 12 in
   one query up to 1M transactions, one per query above, the faster batching at each size);
 - ``rapport_frames``: load + validate both tables into pandas, then ``build_features``;
-- ``pandas``: ``pd.read_parquet`` + ``bench/pandas_reference.py`` (same features, one cutoff).
+- ``pandas``: ``pd.read_parquet`` + ``tests/features/pandas_reference.py`` (the tests' oracle:
+  the same features, one cutoff).
 
 Runs go in rounds, one run of every contender per round, and each keeps its best: a slow spell
 of this shared machine then falls on every contender, not on whichever ran during it.
@@ -105,7 +106,7 @@ def _worker(kind: str, data: Path) -> dict[str, float]:
     from rapport.features.build import build_features
     from rapport.features.contracts import load_interactions, load_transactions
 
-    sys.path.insert(0, str(HERE))
+    sys.path[:0] = [str(HERE), str(HERE.parent / "tests" / "features")]
     from pandas_reference import pandas_features
     from plain_duckdb import plain_features
 

@@ -1,26 +1,18 @@
-"""The benchmark's idiomatic-pandas features must equal build_features, value for value."""
+"""The idiomatic-pandas features (the tests' oracle) must equal build_features, value for value."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from pandas_reference import pandas_features
 
 from rapport.features.build import build_features
 from rapport.features.contracts import validate_table
 from rapport.features.datasets import CDNOW_CALIBRATION_END, load_cdnow
 from rapport.features.synthetic import SyntheticConfig, generate_synthetic
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
-
-from pandas_reference import pandas_features  # noqa: E402
 
 SYNTHETIC_AS_OF = "2025-06-30"
 

@@ -20,9 +20,6 @@ if shutil.which("java") is None:  # pragma: no cover - CI machines have Java
 
 from rapport.features.spark import build_features_spark  # noqa: E402
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-if str(BENCH) not in sys.path:
-    sys.path.insert(0, str(BENCH))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_pandas_reference import differences  # noqa: E402
