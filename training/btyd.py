@@ -663,15 +663,16 @@ class BetaGeoModel:
             One probability per customer, decreasing in ``t``.
         """
         x, t_x, big_t = _rfm(frequency, recency, T)
-        alive = expit(-self._log_odds_dead(x, t_x, big_t))
-        return self._no_purchase(_horizon(t), x, big_t, alive)
+        return self._no_purchase(_horizon(t), x, big_t, self._log_odds_dead(x, t_x, big_t))
 
     def _no_purchase(
-        self, times: FloatArray, x: FloatArray, big_t: FloatArray, alive: FloatArray
+        self, times: FloatArray, x: FloatArray, big_t: FloatArray, log_odds_dead: FloatArray
     ) -> FloatArray:
         r, alpha, _, _ = self._fitted()
         quiet = np.exp(-(r + x) * np.log1p(times / (alpha + big_t)))
-        return np.asarray((1.0 - alive) + alive * quiet, dtype=np.float64)
+        # P(dead) from the log-odds, not 1 - P(alive), which loses it when it is tiny
+        dead, alive = expit(log_odds_dead), expit(-log_odds_dead)
+        return np.asarray(dead + alive * quiet, dtype=np.float64)
 
     def expected_time_to_next_purchase(
         self, frequency: ArrayLike, recency: ArrayLike, T: ArrayLike
@@ -739,7 +740,7 @@ class BetaGeoModel:
         return {
             "p_alive": alive,
             "expected_purchases": self._expected_purchases(times, x, big_t, log_odds),
-            "p_no_purchase": self._no_purchase(times, x, big_t, alive),
+            "p_no_purchase": self._no_purchase(times, x, big_t, log_odds),
             "time_to_next": self._wait(x, big_t),
         }
 
