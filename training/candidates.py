@@ -211,7 +211,8 @@ class _BTYDFamily(Family):
         self.feature_names_ = []
         # the BTYD fit says itself when it is degenerate; a score that is the same for
         # every training customer carries no ranking whatever the fit says
-        self.degenerate_ = _btyd_reason(self.btyd_) or constant_reason(self._score(rows))
+        reason = _btyd_reason(self.btyd_)
+        self.degenerate_ = reason if reason else constant_reason(self._score(rows))
         return self
 
     def outputs(self, data: Columns) -> dict[str, np.ndarray]:
@@ -234,8 +235,8 @@ def _btyd_reason(btyd: BTYDFeatures) -> str | None:
         reason = getattr(model, "degenerate_", None)
         if reason:
             return f"{name}: {reason}"
-    if btyd.bgnbd_ is None:
-        return "BG/NBD: " + str(getattr(btyd, "reason_", None) or "not fitted")
+    if btyd.dropped_reason_ is not None or btyd.bgnbd_ is None:
+        return "BG/NBD: " + (btyd.dropped_reason_ or "not fitted")
     return None
 
 

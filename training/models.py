@@ -631,7 +631,7 @@ def btyd_outputs(
     NaN when the model was trained without BTYD features. ``extra`` passes the model's BTYD
     columns already computed for ``frame``.
     """
-    if model.btyd_ is None:
+    if model.btyd_ is None or model.btyd_.dropped_reason_ is not None:
         nan = np.full(len(frame), np.nan)
         return pd.DataFrame(
             {"p_alive": nan, "expected_purchases": nan, "expected_days_to_next_purchase": nan},

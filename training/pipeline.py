@@ -608,16 +608,19 @@ def evaluate_registered(
     )
     scores = model.predict(None, frame)
     h = config.horizon_days
-    btyd = BTYDFeatures(h, seed=config.seed).fit(frame).transform(frame)
+    fitted = BTYDFeatures(h, seed=config.seed).fit(frame)
+    btyd = fitted.transform(frame)
     rows: dict[str, dict[str, float]] = {}
     if config.task == "churn":
         y = frame[config.label].astype("int8").to_numpy()
         rows["registered"] = churn_metrics(y, scores["churn_probability"].to_numpy())
-        rows["bgnbd"] = churn_metrics(y, btyd[f"p_no_purchase_{h}d"].to_numpy())
+        if fitted.dropped_reason_ is None:
+            rows["bgnbd"] = churn_metrics(y, btyd[f"p_no_purchase_{h}d"].to_numpy())
     else:
         actual = frame[config.label].to_numpy(dtype="float64")
         rows["registered"] = value_metrics(actual, scores["predicted_value"].to_numpy())
-        rows["bgnbd_gg"] = value_metrics(actual, btyd[f"btyd_value_{h}d"].to_numpy())
+        if fitted.dropped_reason_ is None:
+            rows["bgnbd_gg"] = value_metrics(actual, btyd[f"btyd_value_{h}d"].to_numpy())
     table = pd.DataFrame.from_dict(rows, orient="index")
     params = mlflow.MlflowClient().get_run(loaded.metadata.run_id).data.params
     seen = seen_until(params)

@@ -287,6 +287,12 @@ def evaluate_candidates(
     return evaluation
 
 
+def btyd_features_dropped(evaluation: Evaluation) -> str | None:
+    """Why the LightGBM model's BTYD features were left out this run (None when they were not)."""
+    btyd = getattr(evaluation.lightgbm, "btyd_", None)
+    return None if btyd is None else btyd.dropped_reason_
+
+
 def summary_lines(evaluation: Evaluation) -> list[str]:
     """What a person reads after training: the selection, unusable rows, the gain on test."""
     valid = evaluation.valid_metrics[evaluation.gate_metric]
@@ -295,6 +301,9 @@ def summary_lines(evaluation: Evaluation) -> list[str]:
         f"({evaluation.gate_metric} {valid:.4f})"
     ]
     lines += [f"{name} is unusable: {why}" for name, why in evaluation.unusable.items()]
+    dropped = btyd_features_dropped(evaluation)
+    if dropped:
+        lines.append(f"lightgbm trained without its BTYD features this run: {dropped}")
     if evaluation.gain is not None:
         lines.append(evaluation.gain.describe())
     else:
@@ -319,6 +328,9 @@ def log_selection(evaluation: Evaluation, log: Callable[[str], None] | None = No
     )
     tags = {"rapport.selected": evaluation.selected}
     tags.update({f"rapport.unusable.{n}": why[:4000] for n, why in evaluation.unusable.items()})
+    dropped = btyd_features_dropped(evaluation)
+    if dropped:
+        tags["rapport.btyd_features_dropped"] = dropped[:4000]
     mlflow.set_tags(tags)
     for split, table in (("test", evaluation.metrics), ("valid", evaluation.valid_table)):
         for name, values in table.items():

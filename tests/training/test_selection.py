@@ -157,6 +157,13 @@ def test_a_degenerate_baseline_is_unusable_not_scored(
     logged = MlflowClient().get_run(run.info.run_id).data
     assert logged.tags["rapport.unusable.bgnbd"] == reason
     assert not any(k.startswith("baseline_bgnbd_") for k in logged.metrics)
+    # the LightGBM model's BTYD features come from the same fit: left out, and said so
+    assert "a and b at the optimiser's bounds" in logged.tags["rapport.btyd_features_dropped"]
+    assert not any(c.startswith("p_alive") for c in evaluation.lightgbm.feature_names_)
+    assert any(
+        line.startswith("lightgbm trained without its BTYD features")
+        for line in selection.summary_lines(evaluation)
+    )
 
 
 def test_a_constant_score_is_unusable(
