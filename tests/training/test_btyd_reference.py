@@ -9,6 +9,7 @@ Pareto/NBD's P(alive) from its definition as an integral over the unseen time of
 from __future__ import annotations
 
 import functools
+import os
 
 import mpmath as mp
 import numpy as np
@@ -218,7 +219,10 @@ def test_grocery_fit_gives_the_finite_true_expectations():
     assert model.degenerate_ is None  # homogeneous, but real, dropout
 
 
-@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("RAPPORT_BTYD_ORACLE"),
+    reason="random draws of the 50-digit reference take minutes: RAPPORT_BTYD_ORACLE=1 runs it",
+)
 @pytest.mark.xfail(
     reason="the mpmath reference takes minutes on some draws and is off on others (see "
     "RETAIL_ORACLE); kept to finish, not yet a gate",
