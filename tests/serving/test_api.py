@@ -9,10 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import schemathesis
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from rapport.serving.api import create_app
 from rapport.serving.core import THREAD_THRESHOLD, ServiceState
+from rapport.serving.schemas import HistoryRequest, ScoreResponse
 
 
 @pytest.fixture(scope="module")
@@ -205,8 +207,46 @@ def test_history_events_after_as_of_and_malformed_json(client):
     body["as_of"] = "2024-06-30"
     body["customers"][0]["transactions"][0]["amount"] = "lots"
     _loc(client.post("/score/history", json=body))
-    r = client.post("/score", content=b"{not json", headers={"content-type": "application/json"})
-    assert r.status_code == 422
+    for route in ("/score", "/score/history"):
+        r = client.post(route, content=b"{not json", headers={"content-type": "application/json"})
+        assert r.status_code == 422, (route, r.text)
+        assert r.json()["detail"][0]["loc"][0] == "body"
+
+
+def test_history_bodies_that_are_empty_or_not_json_are_422_naming_the_body(client):
+    text = b'{"customers": [{"customer_id": "a", "transactions": []}]}'
+    empty = client.post("/score/history", content=b"", headers={"content-type": "application/json"})
+    assert _loc(empty) == [("body",)] and empty.json()["detail"][0]["type"] == "missing"
+    # JSON only by its content type, as FastAPI reads a declared body.
+    for headers in ({"content-type": "text/plain"}, {}):
+        assert _loc(client.post("/score/history", content=text, headers=headers)) == [("body",)]
+    ok = client.post("/score/history", content=text, headers={"content-type": "application/json"})
+    assert _loc(ok) == [("body", "customers", 0, "transactions")]
+
+
+def test_the_history_body_is_documented_as_a_declared_body(state):
+    """The route reads its body itself; its OpenAPI is FastAPI's for a declared body."""
+    declared = FastAPI()
+
+    @declared.post("/score/history", response_model=ScoreResponse, summary="Score raw histories")
+    async def score_history(body: HistoryRequest) -> ScoreResponse:
+        """Score customers from their raw purchase and interaction histories.
+
+        Features come from the training feature code; R/F/M scores are ranked within the
+        served snapshot.
+        """
+        raise NotImplementedError
+
+    app = create_app(state)
+    ours, theirs = app.openapi(), declared.openapi()
+    operation = ours["paths"]["/score/history"]["post"]
+    expected = theirs["paths"]["/score/history"]["post"]
+    assert operation["requestBody"] == expected["requestBody"]
+    assert operation["responses"]["422"] == expected["responses"]["422"]
+    assert operation["operationId"] == expected["operationId"]
+    for name in ("HistoryRequest", "CustomerHistory", "Purchase", "Interaction"):
+        assert ours["components"]["schemas"][name] == theirs["components"]["schemas"][name]
+    assert list(ours["components"]["schemas"]) == sorted(ours["components"]["schemas"])
 
 
 def test_not_ready_is_503_not_500(served):

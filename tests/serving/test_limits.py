@@ -78,8 +78,9 @@ def test_body_over_the_limit_is_413_before_it_is_parsed(served, state):
             for _ in range(10):
                 yield b" " * 1000
 
-        r = c.post("/score/by-id", content=chunks(), headers={"content-type": "application/json"})
-        assert r.status_code == 413, r.text
+        for route in ("/score/by-id", "/score/history"):
+            r = c.post(route, content=chunks(), headers={"content-type": "application/json"})
+            assert r.status_code == 413, (route, r.text)
         ok = c.post("/score/by-id", json={"customer_ids": ["1"]})
         assert ok.status_code == 200, ok.text
 
@@ -278,6 +279,43 @@ def test_health_answers_while_a_history_request_computes(served, monkeypatch, tm
             release.set()
             worker.join(60)
         assert answer["r"].status_code == 200, answer["r"].text
+
+
+def test_health_answers_while_a_history_body_is_validated(state, served, monkeypatch):
+    """The body is validated on a worker thread: the event loop answers meanwhile."""
+    real = HistoryRequest.model_validate_json
+    entered, release = threading.Event(), threading.Event()
+
+    def held(raw, *args, **kwargs):
+        entered.set()
+        release.wait(60)
+        return real(raw, *args, **kwargs)
+
+    monkeypatch.setattr(HistoryRequest, "model_validate_json", held)
+    app = create_app(state)
+
+    async def livez() -> dict[str, bool]:
+        return {"live": True}
+
+    # Async, so it is answered on the event loop, as BentoML's /livez is.
+    app.add_api_route("/livez", livez)
+    body = _history(served, 40)
+    with TestClient(app) as client:
+        answer: dict[str, object] = {}
+        worker = threading.Thread(
+            target=lambda: answer.update(r=client.post("/score/history", json=body))
+        )
+        worker.start()
+        try:
+            assert entered.wait(60), "the history body never reached validation"
+            assert client.get("/livez").status_code == 200
+            assert worker.is_alive() and not answer  # still validating
+        finally:
+            release.set()
+            worker.join(60)
+        assert answer["r"].status_code == 200, answer["r"].text
+        scored = [s["customer_id"] for s in answer["r"].json()["scores"]]
+        assert scored == [c["customer_id"] for c in body["customers"]]
 
 
 # -- fuzzing with NaN, infinities and lone surrogates ---------------------------------------------
