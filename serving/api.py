@@ -26,7 +26,8 @@ from starlette.requests import ClientDisconnect
 from rapport.serving import schemas as s
 from rapport.serving.auth import ApiKeyMiddleware, KeyChecker, app_guard
 from rapport.serving.bodies import document_bodies, json_body_openapi, parse_json_body
-from rapport.serving.core import THREAD_THRESHOLD, InputError, NotReadyError, ServiceState
+from rapport.serving.core import THREAD_THRESHOLD, ServiceState
+from rapport.serving.errors import InputError, NotReadyError
 from rapport.serving.limits import BodyLimitMiddleware, BudgetExceededError, Deadline, safe_errors
 from rapport.serving.settings import ServingSettings
 

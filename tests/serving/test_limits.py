@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from rapport.serving import core
+from rapport.serving import history
 from rapport.serving.api import create_app
 from rapport.serving.core import ServiceState
 from rapport.serving.limits import BudgetExceededError, Deadline, safe_errors
@@ -201,7 +201,7 @@ def test_a_spent_budget_stops_before_the_feature_work(served, state, monkeypatch
     def never(*args, **kwargs):
         raise AssertionError("the feature code ran past the budget")
 
-    monkeypatch.setattr(core, "build_features", never)
+    monkeypatch.setattr(history, "build_features", never)
     request = HistoryRequest.model_validate(_history(served, 3))
     with pytest.raises(BudgetExceededError, match="RAPPORT_HISTORY_TIMEOUT_SECONDS"):
         _app_state(served, state).score_history(request, Deadline(0.0))
@@ -209,7 +209,7 @@ def test_a_spent_budget_stops_before_the_feature_work(served, state, monkeypatch
 
 def test_the_budget_interrupts_the_feature_query_and_answers_503(served, state, monkeypatch):
     """The work itself stops (its DuckDB query is interrupted), not only the wait for it."""
-    real = core.build_features
+    real = history.build_features
     ended = threading.Event()
 
     def slow(*args, connection, **kwargs):
@@ -220,7 +220,7 @@ def test_the_budget_interrupts_the_feature_query_and_answers_503(served, state, 
         finally:
             ended.set()
 
-    monkeypatch.setattr(core, "build_features", slow)
+    monkeypatch.setattr(history, "build_features", slow)
     mine = _app_state(served, state, history_timeout_seconds=0.3)
     with TestClient(create_app(mine)) as c:
         start = time.perf_counter()
@@ -230,10 +230,10 @@ def test_the_budget_interrupts_the_feature_query_and_answers_503(served, state, 
         assert "RAPPORT_HISTORY_TIMEOUT_SECONDS" in r.json()["detail"]
         # Answered once the work had stopped, and nothing holds the connection.
         assert ended.is_set()
-        assert mine._duckdb_lock.acquire(blocking=False)
-        mine._duckdb_lock.release()
+        assert mine.history.lock.acquire(blocking=False)
+        mine.history.lock.release()
         print(f"history request stopped and answered 503 after {took:.2f} s (budget 0.3 s)")
-        monkeypatch.setattr(core, "build_features", real)
+        monkeypatch.setattr(history, "build_features", real)
         after = c.post("/score/history", json=_history(served, 2))
         assert after.status_code == 200, after.text
 
@@ -245,7 +245,7 @@ def test_health_answers_while_a_history_request_computes(served, monkeypatch, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     from rapport.serving.service import Rapport, app
 
-    real = core.build_features
+    real = history.build_features
     entered, release = threading.Event(), threading.Event()
 
     def held(*args, **kwargs):
@@ -253,7 +253,7 @@ def test_health_answers_while_a_history_request_computes(served, monkeypatch, tm
         release.wait(60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(core, "build_features", held)
+    monkeypatch.setattr(history, "build_features", held)
     # Rapport.to_asgi() without BentoML's metrics middleware: it registers its histograms in
     # the process-wide registry, which a second app in one test session would duplicate.
     from _bentoml_impl.server.app import ServiceAppFactory

@@ -13,8 +13,10 @@ from typer.testing import CliRunner
 
 from rapport.features.build import build_features
 from rapport.serving.cli import app
-from rapport.serving.core import ServiceState, SnapshotUnavailableError, snapshot_staleness
+from rapport.serving.core import ServiceState
+from rapport.serving.errors import SnapshotUnavailableError
 from rapport.serving.schemas import ByIdRequest, ScoreRequest
+from rapport.serving.snapshot import snapshot_staleness
 
 runner = CliRunner()
 #: Columns that depend on the customer alone (R/F/M scores rank within the population).
