@@ -257,16 +257,9 @@ PNBD_PARAMS = [
 ]
 
 
-PNBD_OPEN = pytest.mark.xfail(
-    reason="P(alive) a few % off for one-time buyers when alpha >> beta or s >> r: the "
-    "Gauss-Legendre rule in _pareto_log_odds_dead needs the substitution on the other rate",
-    strict=False,
-)
-
-
 @pytest.mark.parametrize(
     "params",
-    [pytest.param(p, marks=PNBD_OPEN) if p[2] in (30.0, 2.0) else p for p in PNBD_PARAMS],
+    PNBD_PARAMS,
     ids=lambda p: f"s={p[2]:g}",
 )
 def test_pareto_nbd_predictions_match_the_50_digit_reference(
