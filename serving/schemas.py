@@ -16,6 +16,7 @@ import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from rapport.serving.scoring import ModelVersion, Scorer, Scores
+from rapport.training.columns import BTYD_INPUTS
 
 
 def is_utf8(text: str) -> bool:
@@ -399,7 +400,8 @@ def _number_or_none(value: float | str | None) -> float | None:
     return None if isinstance(value, str) else value
 
 
-_BTYD_REQUIRED = frozenset({"frequency", "recency", "T", "monetary_value"})
+#: The BTYD summary: never null (BG/NBD needs it for every customer).
+_BTYD_REQUIRED = frozenset(BTYD_INPUTS)
 
 
 def _err(loc: tuple[Any, ...], msg: str, kind: str) -> dict[str, Any]:

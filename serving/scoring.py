@@ -30,6 +30,7 @@ from rapport.training.candidates import (
     Family,
 )
 from rapport.training.candidates import predict as family_predict
+from rapport.training.columns import BTYD_INPUTS
 from rapport.training.models import (
     DAYS_PER_WEEK,
     BTYDFeatures,
@@ -40,8 +41,6 @@ from rapport.training.models import (
 )
 from rapport.training.tracking import point_mlflow_at
 
-#: Columns of the BTYD summary: never null (BG/NBD needs them for every customer).
-BTYD_INPUTS = ("frequency", "recency", "T", "monetary_value")
 #: Up to this many rows LightGBM predicts on one thread.
 SMALL_PREDICTION = 10_000
 #: Expected days beyond this are "not expected": no next-purchase date.

@@ -31,6 +31,7 @@ from scipy.special import expit
 from sklearn.linear_model import LogisticRegression, Ridge
 
 from rapport.training.btyd import ParetoNBDModel
+from rapport.training.columns import BTYD_INPUTS
 from rapport.training.config import TASK_FAMILIES, ModelConfig
 from rapport.training.models import (
     DAYS_PER_WEEK,
@@ -52,7 +53,7 @@ Columns: TypeAlias = pd.DataFrame | Mapping[str, Any]
 #: is numeric, so its fit time grows with every customer).
 PARETO_FIT_ROWS = 50_000
 #: The BTYD summary columns, in the order the models take them.
-SUMMARY = ("frequency", "recency", "T", "monetary_value")
+SUMMARY = BTYD_INPUTS
 
 
 def column(data: Columns, name: str) -> np.ndarray:
