@@ -43,12 +43,9 @@ import pandas as pd
 import pyarrow as pa
 
 from rapport.features import definitions as defs
+from rapport.features.day_sentinels import NO_DAY, NO_PURCHASE
 
 _EPOCH = dt.date(1970, 1, 1)
-#: Day value for "no such day" (no purchase or interaction of the kind by the cutoff).
-NO_DAY = np.iinfo(np.int32).min
-#: First-purchase day of a customer who never bought.
-NO_PURCHASE = np.iinfo(np.int32).max
 
 
 def _cutoff_index(cutoff_days: np.ndarray, day: np.ndarray, shift: int = 0) -> np.ndarray:
@@ -342,7 +339,7 @@ def _batches(
         if isinstance(source, pd.DataFrame):
             table = pa.Table.from_pandas(source[list(columns)], preserve_index=False)
             return table.num_rows, table.schema, _Batches(iter(table.to_batches()), table.num_rows)
-        # the files DuckDB's read_parquet reads for the same path (see build._bind)
+        # the files DuckDB's read_parquet reads for the same path (see duckdb_io.bind)
         files = sorted(source.glob("*.parquet")) if source.is_dir() else [source]
         if not files:
             return None

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from rapport.features.grid import NO_DAY, NO_PURCHASE
+from rapport.features.day_sentinels import NO_DAY, NO_PURCHASE
 
 
 @njit(cache=True, nogil=True)

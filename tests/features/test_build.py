@@ -387,11 +387,11 @@ def _batches():
 
 
 def test_stacked_batches_equal_their_pandas_concatenation():
-    from rapport.features.build import _Stacker
+    from rapport.features.assembly import Stacker
 
     first, second = _batches()
     expected = pd.concat([first.to_pandas(), second.to_pandas()], ignore_index=True)
-    stacker = _Stacker(first.num_rows + second.num_rows)
+    stacker = Stacker(first.num_rows + second.num_rows)
     stacker.add(first)
     stacker.add(second)
     frame = stacker.frame()
@@ -404,14 +404,14 @@ def test_stacked_batches_equal_their_pandas_concatenation():
 
 
 def test_stacker_refuses_batches_that_do_not_fit():
-    from rapport.features.build import _Stacker
+    from rapport.features.assembly import Stacker
 
     first, second = _batches()
     with pytest.raises(ValueError, match="more than the 3 rows"):
-        stacker = _Stacker(3)
+        stacker = Stacker(3)
         stacker.add(first)
         stacker.add(second)
-    stacker = _Stacker(10)
+    stacker = Stacker(10)
     stacker.add(first)
     with pytest.raises(ValueError, match="differ in columns"):
         stacker.add(second.drop_columns(["segment"]))
@@ -421,18 +421,18 @@ def test_stacker_refuses_batches_that_do_not_fit():
 
     gaps = first.set_column(2, "n_purchases", pa.array([1, None], pa.int64()))
     with pytest.raises(ValueError, match="'n_purchases' has nulls"):
-        _Stacker(2).add(gaps)
+        Stacker(2).add(gaps)
 
 
 def test_frames_own_their_text_so_duckdb_results_are_freed():
     # a text column left on DuckDB's buffers kept the whole result alive beside the frame
     import duckdb
 
-    from rapport.features.build import _own_text
+    from rapport.features.assembly import own_text
 
     table = duckdb.sql("SELECT range AS n, 'c' || range::VARCHAR AS name FROM range(1000)").arrow()
     table = table.read_all() if hasattr(table, "read_all") else table
-    own = _own_text(table)
+    own = own_text(table)
     assert own.equals(table)
     before = {b.address for c in table.column("name").chunks for b in c.buffers() if b}
     after = {b.address for c in own.column("name").chunks for b in c.buffers() if b}
@@ -467,21 +467,21 @@ def test_the_default_engine_follows_event_rows_times_cutoffs(
 ):
     """The grid from GRID_MIN_ROW_CUTOFFS event rows x cutoffs on, the SQL alone below it;
     Parquet inputs are counted from their footers, and both engines give the same frame."""
-    from rapport.features import build
+    from rapport.features import dispatch, grid_features
 
     ix_path = tmp_path / "ix.parquet"
     tiny_ix.to_parquet(ix_path)
     cutoffs = ["2024-02-01", "2024-03-01"]
     work = (len(tiny_tx) + len(tiny_ix)) * len(cutoffs)
-    monkeypatch.setattr(build, "GRID_MIN_ROW_CUTOFFS", work + threshold_offset)
+    monkeypatch.setattr(dispatch, "GRID_MIN_ROW_CUTOFFS", work + threshold_offset)
     ran: list[str] = []
-    grid_tables = build._grid_feature_tables
+    grid_tables = grid_features.grid_feature_tables
 
     def spy(*args, **kwargs):
         ran.append("grid")
         yield from grid_tables(*args, **kwargs)
 
-    monkeypatch.setattr(build, "_grid_feature_tables", spy)
+    monkeypatch.setattr(grid_features, "grid_feature_tables", spy)
     feats = build_features(tiny_tx, ix_path, as_of=cutoffs)
     assert ran == (["grid"] if engine == "grid" else [])
     expected = build_features(tiny_tx, ix_path, as_of=cutoffs, cutoff_batch=1)

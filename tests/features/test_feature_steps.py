@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from pandas_reference import pandas_features
 
-from rapport.features import build
+from rapport.features import dispatch
 from rapport.features.build import build_features
 from rapport.features.contracts import validate_table
 
@@ -18,7 +18,7 @@ AS_OF = "2024-03-01"
 def test_every_sql_feature_has_a_grid_column_and_a_reference_value(tiny_tx, tiny_ix, monkeypatch):
     tx, ix = validate_table(tiny_tx, "transactions"), validate_table(tiny_ix, "interactions")
     sql = build_features(tx, ix, as_of=AS_OF, validate=False, cutoff_batch=1)
-    monkeypatch.setattr(build, "GRID_MIN_ROW_CUTOFFS", 0)  # the grid at any size
+    monkeypatch.setattr(dispatch, "GRID_MIN_ROW_CUTOFFS", 0)  # the grid at any size
     try:
         grid = build_features(tx, ix, as_of=AS_OF, validate=False)
     except Exception as err:

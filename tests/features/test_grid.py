@@ -13,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rapport.features import build
 from rapport.features import definitions as defs
+from rapport.features import dispatch, duckdb_io, grid_features, projection
+from rapport.features.assembly import Stacker
 from rapport.features.build import build_features, iter_features
 from rapport.features.contracts import validate_table
 from rapport.features.grid import _Coder, _Ids
@@ -28,7 +29,7 @@ START = pd.Timestamp("2023-01-01")
 def _grid_at_any_size():
     """Default calls run the grid here however small their data: these tests are about it."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(build, "GRID_MIN_ROW_CUTOFFS", 0)
+        patch.setattr(dispatch, "GRID_MIN_ROW_CUTOFFS", 0)
         yield
 
 
@@ -146,16 +147,16 @@ def test_aggregate_columns_are_the_sql_aggregates(tiny_tx, tiny_ix):
 
 def test_grid_batches_stream_in_cutoff_order(tiny_tx, tiny_ix, monkeypatch):
     cutoffs = ["2024-01-31", "2024-02-15", "2024-02-29", "2024-03-31", "2024-04-30"]
-    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 5)
+    monkeypatch.setattr(grid_features, "GRID_BATCH_ROWS", 5)
     batches = list(iter_features(tiny_tx, tiny_ix, as_of=cutoffs))
     assert len(batches) > 1
     stacked = pd.concat(batches, ignore_index=True)
     assert stacked["as_of"].is_monotonic_increasing
     # build_features projects each batch straight into the rows of one result
     written: list[int] = []
-    add_rows = build._Stacker.add_rows
+    add_rows = Stacker.add_rows
     monkeypatch.setattr(
-        build._Stacker,
+        Stacker,
         "add_rows",
         lambda self, n, other: written.append(n) or add_rows(self, n, other),
     )
@@ -462,7 +463,7 @@ def _sql_rows(tx, ix, spec, last_cutoff):
     """The rows and codes as DuckDB's SQL selects them (the reference for the direct reads)."""
     from rapport.features import grid
 
-    with build._bound(None, cutoffs=[last_cutoff], tx=tx, ix=ix) as con:
+    with duckdb_io.bound(None, cutoffs=[last_cutoff], tx=tx, ix=ix) as con:
         rows = grid._sql_transactions(con)
         coded = con.execute(defs.coded_interactions_sql(spec)).to_arrow_table()
     return rows, coded
@@ -664,7 +665,7 @@ def test_the_grid_computes_on_small_pages_and_leaves_numpy_as_it_was(
         return kernel(*args, **kwargs)
 
     monkeypatch.setattr(grid, "_transaction_columns", spy)
-    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 1)  # one cutoff a batch
+    monkeypatch.setattr(grid_features, "GRID_BATCH_ROWS", 1)  # one cutoff a batch
     batches = iter_features(tiny_tx, tiny_ix, as_of=["2024-01-31", "2024-02-29"])
     first = next(batches)
     # between batches the caller runs with numpy's own advice
@@ -688,14 +689,14 @@ def test_the_grid_computes_without_cycle_collection_and_restores_it(tiny_tx, tin
     from rapport.features import grid
 
     seen: list[bool] = []
-    project = build.projection.evaluate_columns
+    project = projection.evaluate_columns
 
     def spy(*args, **kwargs):
         seen.append(gc.isenabled())
         return project(*args, **kwargs)
 
-    monkeypatch.setattr(build.projection, "evaluate_columns", spy)
-    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 1)  # one cutoff a batch
+    monkeypatch.setattr(projection, "evaluate_columns", spy)
+    monkeypatch.setattr(grid_features, "GRID_BATCH_ROWS", 1)  # one cutoff a batch
     assert gc.isenabled()
     batches = iter_features(tiny_tx, tiny_ix, as_of=["2024-01-31", "2024-02-29"])
     first = next(batches)
@@ -711,7 +712,7 @@ def test_the_grid_computes_without_cycle_collection_and_restores_it(tiny_tx, tin
     def broken(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(build.projection, "evaluate_columns", broken)
+    monkeypatch.setattr(projection, "evaluate_columns", broken)
     with pytest.raises(RuntimeError, match="boom"):
         build_features(tiny_tx, tiny_ix, as_of="2024-02-29")
     assert gc.isenabled()
@@ -719,7 +720,7 @@ def test_the_grid_computes_without_cycle_collection_and_restores_it(tiny_tx, tin
     # a user who turned it off keeps it off
     gc.disable()
     try:
-        monkeypatch.setattr(build.projection, "evaluate_columns", spy)
+        monkeypatch.setattr(projection, "evaluate_columns", spy)
         seen.clear()
         build_features(tiny_tx, tiny_ix, as_of="2024-02-29")
         assert seen == [False] and not gc.isenabled()
@@ -734,13 +735,13 @@ def test_the_grid_finds_the_interaction_pairs_as_it_reads(tiny_tx, tiny_ix, monk
     ix.loc[0, "channel"] = ix.loc[0, "channel"].upper()  # the same pair, in lower case
     if kind == "duckdb":
         ix = ix.assign(timestamp=ix["timestamp"].astype(str))  # text times: DuckDB reads them
-    expected = build.discover_interaction_pairs(ix)
+    expected = duckdb_io.discover_interaction_pairs(ix)
     sql = build_features(tiny_tx, ix, as_of="2024-03-01", validate=False, cutoff_batch=1)
 
     def no_scan(_):
         raise AssertionError("the grid scanned the interactions for their pairs")
 
-    monkeypatch.setattr(build, "discover_interaction_pairs", no_scan)
+    monkeypatch.setattr(duckdb_io, "discover_interaction_pairs", no_scan)
     grid_frame = build_features(tiny_tx, ix, as_of="2024-03-01", validate=False)
     spec = defs.FeatureSpec(interaction_pairs=expected)
     assert list(grid_frame.columns) == defs.feature_columns(spec)
@@ -750,7 +751,7 @@ def test_the_grid_finds_the_interaction_pairs_as_it_reads(tiny_tx, tiny_ix, monk
     empty = ix.iloc[:0]
     monkeypatch.undo()
     sql = build_features(tiny_tx, empty, as_of="2024-03-01", validate=False, cutoff_batch=1)
-    monkeypatch.setattr(build, "discover_interaction_pairs", no_scan)
+    monkeypatch.setattr(duckdb_io, "discover_interaction_pairs", no_scan)
     grid_frame = build_features(tiny_tx, empty, as_of="2024-03-01", validate=False)
     assert list(grid_frame.columns) == defs.feature_columns(defs.FeatureSpec())
     pd.testing.assert_frame_equal(grid_frame, sql)
@@ -759,10 +760,8 @@ def test_the_grid_finds_the_interaction_pairs_as_it_reads(tiny_tx, tiny_ix, monk
 def test_a_stacked_result_takes_batches_that_went_through_duckdb(tiny_tx, tiny_ix, monkeypatch):
     """The numpy projection refused on the second batch: it and those after run on DuckDB,
     their rows copied into the same result, equal to the SQL's."""
-    from rapport.features import projection
-
     cutoffs = ["2024-01-31", "2024-02-15", "2024-02-29", "2024-03-31", "2024-04-30"]
-    monkeypatch.setattr(build, "GRID_BATCH_ROWS", 5)
+    monkeypatch.setattr(grid_features, "GRID_BATCH_ROWS", 5)
     evaluate, calls = projection.evaluate_columns, []
 
     def refuse_the_second(*args, **kwargs):

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rapport.features import build, projection
 from rapport.features import definitions as defs
+from rapport.features import dispatch, grid_features, projection
 from rapport.features.build import build_features
 from rapport.features.synthetic import SyntheticConfig, generate_synthetic
 
@@ -185,14 +185,14 @@ def test_constructs_it_does_not_know_are_refused(sql):
 @pytest.mark.parametrize("with_interactions", [False, True])
 def test_the_feature_sql_is_evaluated_without_falling_back(monkeypatch, with_interactions):
     tx, ix = generate_synthetic(SyntheticConfig(n_customers=200, seed=5))
-    monkeypatch.setattr(build, "GRID_MIN_ROW_CUTOFFS", 0)
+    monkeypatch.setattr(dispatch, "GRID_MIN_ROW_CUTOFFS", 0)
     runs = []
 
     def must_not_fall_back(*args, **kwargs):
         runs.append(1)
         raise AssertionError("the evaluator refused the feature SQL")
 
-    monkeypatch.setattr(build, "_duckdb_projection", must_not_fall_back)
+    monkeypatch.setattr(grid_features, "duckdb_projection", must_not_fall_back)
     ixs = ix if with_interactions else None
     grid = build_features(tx, ixs, as_of=["2025-03-31", "2025-06-30"], validate=False)
     sql = build_features(
@@ -206,7 +206,7 @@ def test_the_feature_sql_is_evaluated_without_falling_back(monkeypatch, with_int
 
 def test_a_refused_projection_runs_on_duckdb_with_the_same_result(monkeypatch):
     tx, ix = generate_synthetic(SyntheticConfig(n_customers=150, seed=8))
-    monkeypatch.setattr(build, "GRID_MIN_ROW_CUTOFFS", 0)
+    monkeypatch.setattr(dispatch, "GRID_MIN_ROW_CUTOFFS", 0)
     numpy_side = build_features(tx, ix, as_of="2025-06-30", validate=False)
 
     def refuse(*args, **kwargs):
