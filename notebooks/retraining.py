@@ -516,6 +516,6 @@ display(tracking.list_versions([name])[["model", "version", "aliases", "roc_auc"
 #
 # - retrain on the full world without `RAPPORT_NB_FAST` (or from the shell:
 #   `rapport train churn`), and check the gate's verdict;
-# - score a cutoff with a registered version: `pipeline.evaluate_registered(config,
+# - score a cutoff with a registered version: `evaluate.evaluate_registered(config,
 #   "models:/rapport-churn@champion", TX_PATH, IX_PATH, as_of=...)`;
 # - browse every run: `mlflow ui --backend-store-uri <the store printed above>`.

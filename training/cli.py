@@ -23,7 +23,8 @@ from rapport.features.cli_inputs import ReadOptions, load_inputs, reads_inputs
 from rapport.features.console import console, run_or_exit, step
 from rapport.training import tracking
 from rapport.training.config import ModelConfig, Task, load_config
-from rapport.training.pipeline import TrainingResult, evaluate_registered, train
+from rapport.training.evaluate import evaluate_registered
+from rapport.training.pipeline import TrainingResult, train
 from rapport.training.settings import TrainingSettings
 
 

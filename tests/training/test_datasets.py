@@ -182,7 +182,7 @@ def tiny_tx_training() -> pd.DataFrame:
 
 
 def test_seen_until_is_the_last_training_or_validation_cutoff_plus_the_horizon() -> None:
-    from rapport.training.pipeline import seen_until
+    from rapport.training.evaluate import seen_until
 
     params = {
         "train_cutoffs": "2025-01-31,2025-02-28",

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from rapport.training import pipeline, tracking
+from rapport.training import evaluate, pipeline, tracking
 from rapport.training.config import ModelConfig
 from rapport.training.settings import TrainingSettings
 
@@ -197,7 +197,7 @@ def test_evaluate_registered_scores_a_named_version(
     fast_config: Callable[..., ModelConfig],
 ) -> None:
     config = fast_config("churn")
-    table = pipeline.evaluate_registered(
+    table = evaluate.evaluate_registered(
         config,
         "models:/rapport-churn/1",
         small_world["transactions"],
@@ -251,8 +251,8 @@ def test_gate_compares_a_champion_with_other_features_on_its_own_features(
 
     # evaluating version 2 under the default config (other windows) builds its own features
     # and reproduces its test metric; without the interactions it reads, a clear error
-    def evaluate(interactions: Path | None) -> pd.DataFrame:
-        return pipeline.evaluate_registered(
+    def evaluated(interactions: Path | None) -> pd.DataFrame:
+        return evaluate.evaluate_registered(
             fast_config("churn"),
             "models:/rapport-churn/2",
             tx,
@@ -261,11 +261,11 @@ def test_gate_compares_a_champion_with_other_features_on_its_own_features(
             settings=settings,
         )
 
-    table = evaluate(ix)
+    table = evaluated(ix)
     expected = second.metrics.loc[second.selected, "roc_auc"]
     assert table.loc["registered", "roc_auc"] == pytest.approx(expected, abs=1e-12)
     with pytest.raises(ValueError, match="reads interaction features and none were given"):
-        evaluate(None)
+        evaluated(None)
 
 
 def test_champion_rows_rebuild_the_test_cutoff_faithfully(
