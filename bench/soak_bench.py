@@ -41,8 +41,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +52,9 @@ import pandas as pd
 import psutil
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from serving_bench import wait_ready  # noqa: E402  # one readiness poll for both benchmarks
+
 BIN = Path(sys.executable).parent
 JSON = {"Content-Type": "application/json"}
 SCORE_PATH = "/v1/score/by-id"
@@ -106,22 +107,6 @@ def server_env(home: Path, extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def wait_ready(proc: subprocess.Popen[bytes], url: str, timeout: float) -> float:
-    """Seconds until ``url`` answers 200; raises if the server exits or time runs out."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if proc.poll() is not None:
-            raise RuntimeError(f"rapport serve exited ({proc.returncode}) before ready")
-        with (
-            contextlib.suppress(urllib.error.URLError, OSError),
-            urllib.request.urlopen(url, timeout=2) as resp,
-        ):
-            if resp.status == 200:
-                return time.monotonic() - start
-        time.sleep(0.2)
-    raise TimeoutError(f"{url} not ready after {timeout:.0f} s")
-
-
 @contextlib.contextmanager
 def serving(home: Path, port: int, log: Path, timeout: float, extra: dict[str, str]) -> Any:
     """Run ``rapport serve`` on ``port``; yield its process; always stop all of it."""
@@ -137,7 +122,7 @@ def serving(home: Path, port: int, log: Path, timeout: float, extra: dict[str, s
             start_new_session=True,
         )
     try:
-        wait_ready(proc, f"http://127.0.0.1:{port}/readyz", timeout)
+        wait_ready(proc, f"http://127.0.0.1:{port}/readyz", log, timeout)
         yield proc
     finally:
         with contextlib.suppress(ProcessLookupError):
