@@ -15,12 +15,10 @@ from typing import Annotated
 import pandas as pd
 import typer
 
-from rapport.features.build import build_features, build_labels, connect
 from rapport.features.cli import (
     data_app,
     features_app,
     print_feature_summary,
-    write_parquet_atomic,
 )
 from rapport.features.cli_inputs import (
     InteractionsOpt,
@@ -31,15 +29,11 @@ from rapport.features.cli_inputs import (
     reads_inputs,
 )
 from rapport.features.console import console, progress_bar, run_or_exit, step
-from rapport.features.contracts import load_interactions, load_transactions
-from rapport.features.settings import RapportSettings
 from rapport.serving.keys_cli import keys_app
 from rapport.serving.scoring import Scorer
 from rapport.serving.settings import ServingSettings
 from rapport.training.cli import print_metrics, quiet_mlflow
 from rapport.training.cli import register as register_training_commands
-from rapport.training.config import load_config
-from rapport.training.pipeline import train
 from rapport.training.settings import TrainingSettings
 
 app = typer.Typer(
@@ -76,11 +70,6 @@ def _settings(**overrides: object) -> ServingSettings:
     return ServingSettings(**given)  # type: ignore[arg-type]
 
 
-def _month_end_before(day: dt.date, months_back: int = 0) -> dt.date:
-    first = pd.Timestamp(day).to_period("M") - months_back
-    return (first.to_timestamp() - pd.Timedelta(days=1)).date()
-
-
 @app.command("demo")
 def demo(
     customers: Annotated[int, typer.Option(help="Customers in the synthetic demo world.")] = 20_000,
@@ -106,55 +95,22 @@ def demo(
     models, compare them with the baselines in MLflow and register them, write the serving
     snapshot, score every customer, and serve the champions over HTTP.
     """
-    from rapport.features.synthetic import SyntheticConfig, write_synthetic
+    from rapport.serving.demo import make_demo_world, score_demo_customers, train_demo_models
 
-    settings = RapportSettings()
-    out_dir = settings.demo_dir
-    # Four years: the value model's 365-day labels need training cutoffs whose horizon ends by
-    # validation, itself a horizon before the test cutoff, a horizon before the data end.
-    config = SyntheticConfig(n_customers=customers, seed=seed, start="2022-01-01")
-    with step(f"Generating {customers:,} synthetic customers into {out_dir}"):
-        summary = write_synthetic(config, out_dir)
-    with step("Loading and validating"):
-        tx = load_transactions(summary.transactions_path)
-        ix = load_interactions(summary.interactions_path)
-    last_day = pd.Timestamp(tx["timestamp"].max()).date()
-    # The latest cutoff whose label horizon is fully observed, and the 11 month-ends before it.
-    latest = _month_end_before(last_day - dt.timedelta(days=horizon_days))
-    cutoffs = [_month_end_before(latest, k) for k in range(10, -1, -1)] + [latest]
-    con = connect(threads=settings.duckdb_threads, memory_limit=settings.duckdb_memory_limit)
-    with step(f"Building features at {len(set(cutoffs))} monthly cutoffs"):
-        feats = build_features(tx, ix, as_of=cutoffs, validate=False, connection=con)
-    with step(f"Building {horizon_days}-day labels"):
-        labels = build_labels(
-            tx, as_of=cutoffs, horizon_days=horizon_days, validate=False, connection=con
-        )
-    con.close()
-    with step("Writing features and labels"):
-        write_parquet_atomic(feats, out_dir / "features.parquet")
-        write_parquet_atomic(labels, out_dir / "labels.parquet")
-    print_feature_summary(feats, title="Demo customers by segment")
-    churn = labels.groupby("as_of")[f"churned_{horizon_days}d"].mean()
+    world = make_demo_world(customers, seed, horizon_days, step=step)
+    print_feature_summary(world.features, title="Demo customers by segment")
+    churn = world.labels.groupby("as_of")[f"churned_{horizon_days}d"].mean()
     console.print(
         f"{horizon_days}-day churn rate across cutoffs: {churn.min():.1%} - {churn.max():.1%}; "
-        f"outputs in {out_dir}"
+        f"outputs in {world.folder}"
     )
     if not train_models:
         return
     train_settings = TrainingSettings()
     quiet_mlflow()
     console.print(f"MLflow store: {train_settings.tracking_uri}")
-    for task in ("churn", "clv"):
-        model_config = load_config(task)
-        result = train(
-            model_config,
-            summary.transactions_path,
-            summary.interactions_path,
-            source=str(summary.transactions_path),
-            settings=train_settings,
-            step=step,
-        )
-        print_metrics(result.metrics, f"{task}: {result.split.describe()}")
+    for result in train_demo_models(world, settings=train_settings, step=step):
+        print_metrics(result.metrics, f"{result.registered_name}: {result.split.describe()}")
         verdict = "champion" if result.promoted else "challenger only"
         console.print(
             f"{result.registered_name} v{result.version}: {verdict} ({result.gate_reason})"
@@ -164,24 +120,12 @@ def demo(
         f"{train_settings.tracking_uri}` browses the runs."
     )
     serving = ServingSettings()
-    from rapport.serving.batch import score_batch, score_chunks
-
-    scorer = _load_scorer(serving)
-    write_serving_snapshot(
-        summary.transactions_path, summary.interactions_path, last_day, scorer, serving
+    snapshot, scored = score_demo_customers(world, _load_scorer(serving), serving, step=step)
+    console.print(
+        f"Snapshot of {snapshot.customers:,} customers as of {snapshot.as_of} -> "
+        f"{snapshot.path}; {scored.rows:,} customers scored -> {scored.out}",
+        soft_wrap=True,
     )
-    with step("Scoring every customer"):
-        scored = score_batch(
-            score_chunks(
-                summary.transactions_path,
-                summary.interactions_path,
-                as_of=last_day,
-                scorer=scorer,
-                validate=False,
-            ),
-            serving.home / "scores.parquet",
-        )
-    console.print(f"{scored.rows:,} customers scored -> {scored.out}")
     if serve_models:
         raise typer.Exit(code=run_service(serving, bento=None))
     console.print("Serve them with `rapport serve`, then try:")
