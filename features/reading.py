@@ -75,9 +75,7 @@ def _read_delimited(
     path: Path, kind: TableKind, text_columns: tuple[str, ...], encoding: str, tabs: bool
 ) -> pd.DataFrame:
     table = f"{kind} ({path.name})"
-    if path.suffix.lower() not in _COMPRESSED and not path.read_bytes()[:4096].strip(
-        b"\xef\xbb\xbf \r\n\t"
-    ):
+    if path.suffix.lower() not in _COMPRESSED and _blank_start(path):
         raise DataValidationError(table, None, "the file is empty (not even a header)")
     # utf-8-sig reads a byte-order mark as one, not as part of the first column's name.
     codec = "utf-8-sig" if encoding.lower().replace("_", "-") in ("utf-8", "utf8") else encoding
@@ -104,3 +102,9 @@ def _read_delimited(
         raise DataValidationError(
             table, None, f"cannot be read as delimited text: {reason}"
         ) from err
+
+
+def _blank_start(path: Path) -> bool:
+    """Whether the file's first 4 KiB hold nothing but a byte-order mark and white space."""
+    with path.open("rb") as handle:
+        return not handle.read(4096).strip(b"\xef\xbb\xbf \r\n\t")
