@@ -51,6 +51,7 @@ __all__ = [
     "iter_features",
     "parse_cutoffs",
     "stream_features",
+    "stream_parquet",
     "write_features",
 ]
 
@@ -237,6 +238,32 @@ def write_features(frames: Iterable[pd.DataFrame], out: Path) -> tuple[int, pd.D
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        rows, last = stream_parquet(frames, tmp, empty="no feature batches to write")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return rows, last
+
+
+def stream_parquet(
+    frames: Iterable[pd.DataFrame], path: Path, *, empty: str
+) -> tuple[int, pd.DataFrame]:
+    """Write ``frames`` one after another into one Parquet file at ``path``, as they come.
+
+    Memory holds one frame. Later frames are cast to the first one's schema.
+
+    Returns
+    -------
+    (int, pandas.DataFrame)
+        Rows written, and the last frame.
+
+    Raises
+    ------
+    ValueError
+        With the message ``empty`` when there is no frame to write.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     rows = 0
     last = pd.DataFrame()
     writer: pq.ParquetWriter | None = None
@@ -244,19 +271,15 @@ def write_features(frames: Iterable[pd.DataFrame], out: Path) -> tuple[int, pd.D
         for frame in frames:
             table = pa.Table.from_pandas(frame, preserve_index=False)
             if writer is None:
-                writer = pq.ParquetWriter(tmp, table.schema)
+                writer = pq.ParquetWriter(path, table.schema)
             writer.write_table(table.cast(writer.schema))
             rows += len(frame)
             last = frame
         if writer is None:
-            raise ValueError("no feature batches to write")
-        writer.close()
-        writer = None
-        os.replace(tmp, out)
+            raise ValueError(empty)
     finally:
         if writer is not None:
             writer.close()
-        tmp.unlink(missing_ok=True)
     return rows, last
 
 

@@ -27,10 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from rapport.features.build import connect, stream_features
+from rapport.features.build import connect, stream_features, stream_parquet
 from rapport.features.contracts import TableSource
 from rapport.serving.db_output import ColumnKind, TableOutput, pid_alive
 from rapport.serving.scoring import Scorer
@@ -214,7 +212,9 @@ def score_batch(
                     progress(len(chunk))
                 yield chunk
 
-        rows = _write_parquet(tee(), tmp)
+        rows, _ = stream_parquet(
+            tee(), tmp, empty="no scores to write: no customer has a purchase by the cutoff"
+        )
         if db is not None:
             db.swap()
         os.replace(tmp, out)
@@ -225,26 +225,6 @@ def score_batch(
         out=out,
         table=table if database_url else None,
     )
-
-
-def _write_parquet(frames: Iterable[pd.DataFrame], path: Path) -> int:
-    """Stream ``frames`` into one Parquet file at ``path``; the number of rows."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = 0
-    writer: pq.ParquetWriter | None = None
-    try:
-        for frame in frames:
-            table = pa.Table.from_pandas(frame, preserve_index=False)
-            if writer is None:
-                writer = pq.ParquetWriter(path, table.schema)
-            writer.write_table(table.cast(writer.schema))
-            rows += len(frame)
-        if writer is None:
-            raise ValueError("no scores to write: no customer has a purchase by the cutoff")
-    finally:
-        if writer is not None:
-            writer.close()
-    return rows
 
 
 def remove_stale_parts(out: Path, *, now: float | None = None) -> list[Path]:
